@@ -1,0 +1,257 @@
+"""The `translate` command: translates by default; subcommands models, train and eval.
+
+torch is imported only inside the commands that need it, so `--help` stays instant."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from cli import options as opt
+from cli.console import err, fail
+from cli.render import format_result, stream_to_terminal, write_line
+from cli.streams import open_input, open_output
+
+
+class DefaultCommand(TyperCommand):
+    """The translate command presents itself as `translate`, not `translate text`."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.parent.command_path, "[OPTIONS] [TEXT]...")
+
+
+class DefaultCommandGroup(TyperGroup):
+    """Anything that is not a subcommand name goes to the default `text` command, so
+    `translate "Hello"`, `translate -m DIR` and `translate models` all work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["text", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=DefaultCommandGroup, add_completion=False, no_args_is_help=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+
+@app.callback()
+def group() -> None:
+    """Translate text on the shell with a Transformer encoder-decoder."""
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Checkpoint directory or embedded model name [default: en-de].")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+BatchSize = Annotated[int, typer.Option(help="Sentences decoded together.")]
+
+
+def warn_invalid(numbers: list[int]):
+    def note(number: int) -> None:
+        numbers.append(number)
+    return note
+
+
+def report_invalid(numbers: list[int]) -> None:
+    if numbers:
+        shown = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
+        err.print(f"warning: invalid UTF-8 replaced on line(s) {shown}")
+
+
+@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | train | eval  (see "
+                            "translate COMMAND --help)")
+def translate_command(
+    text: Annotated[Optional[list[str]], typer.Argument(
+        help="Text to translate; without it, lines come from -i FILE or stdin.",
+        show_default=False, metavar="TEXT")] = None,
+    input: Annotated[Optional[Path], typer.Option(
+        "--input", "-i", help="Translate the lines of FILE.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write to FILE (replaced only when complete).")] = None,
+    model: Model = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 32,
+    fmt: Annotated[str, typer.Option("--format", help="text or jsonl.")] = "text",
+    strategy: opt.Strategy = None,
+    beam_size: opt.BeamSize = None,
+    length_penalty: opt.LengthPenalty = 0.6,
+    n_best: opt.NBest = None,
+    top_k: opt.TopK = None,
+    top_p: opt.TopP = None,
+    temperature: opt.Temperature = None,
+    seed: opt.Seed = None,
+    min_length: opt.MinLength = 0,
+    max_length: opt.MaxLength = 256,
+    debug: Debug = False,
+) -> None:
+    """Translate text: an argument, lines piped in, or a file; one output line per input line."""
+    with fail(debug):
+        from core.errors import UsageError
+
+        if fmt not in ("text", "jsonl"):
+            raise UsageError(f"unknown format '{fmt}'; use text or jsonl")
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        decoding = opt.decode_options(
+            strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, n_best=n_best,
+            top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+            min_length=min_length, max_length=max_length)
+        invalid: list[int] = []
+        with open_input(text, input, warn_invalid(invalid)) as lines:
+            from core.translator import Translator
+
+            translator = Translator.load(model, device=device, batch_size=batch_size)
+            live = output is None and sys.stdout.isatty() and fmt == "text" and decoding.n_best == 1
+            with open_output(output) as out:
+                if live:
+                    from rich.console import Console
+
+                    console = Console(highlight=False, soft_wrap=True)
+                    for line in lines:
+                        stream_to_terminal(console, translator.stream(line, **vars(decoding)))
+                else:
+                    sources, queued = itertools.tee(lines)
+                    results = translator.iter_translate(queued, decoding)
+                    for source, nbest in zip(sources, results):
+                        write_line(out, format_result(source, nbest, fmt, decoding.n_best))
+        report_invalid(invalid)
+
+
+@app.command("models")
+def models_command(debug: Debug = False) -> None:
+    """List the models that -m accepts by name."""
+    with fail(debug):
+        import json
+
+        from core.checkpoint import DEFAULT_MODEL, available_models, checkpoints_dir
+
+        found = available_models()
+        if not found:
+            err.print(f"no models installed in {checkpoints_dir()}")
+        for path in found:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+            pair = f"{cfg.get('source_lang', '?')}->{cfg.get('target_lang', '?')}"
+            default = "  (default)" if path.name == DEFAULT_MODEL else ""
+            print(f"{path.name}\t{pair}\t{size:.1f} MB\t{path}{default}")
+
+
+@app.command("eval")
+def eval_command(
+    src: Annotated[Path, typer.Option(help="Source sentences, one per line.")],
+    ref: Annotated[Path, typer.Option(help="Reference translations, line-aligned with --src.")],
+    model: Model = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 64,
+    hyp: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Also write the translations to FILE.")] = None,
+    lowercase: Annotated[bool, typer.Option(
+        "--lowercase", "-lc", help="Case-insensitive BLEU.")] = False,
+    strategy: opt.Strategy = None,
+    beam_size: opt.BeamSize = None,
+    length_penalty: opt.LengthPenalty = 0.6,
+    top_k: opt.TopK = None,
+    top_p: opt.TopP = None,
+    temperature: opt.Temperature = None,
+    seed: opt.Seed = None,
+    min_length: opt.MinLength = 0,
+    max_length: opt.MaxLength = 256,
+    debug: Debug = False,
+) -> None:
+    """Translate --src and score it against --ref: sacreBLEU BLEU and chrF, and speed."""
+    with fail(debug):
+        import time
+
+        import sacrebleu
+
+        from core.data import read_lines
+        from core.errors import DataError
+        from core.translator import Translator
+
+        decoding = opt.decode_options(
+            strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, n_best=None,
+            top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+            min_length=min_length, max_length=max_length)
+        sources, refs = read_lines(src), read_lines(ref)
+        if len(sources) != len(refs):
+            raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
+        translator = Translator.load(model, device=device, batch_size=batch_size)
+        start = time.perf_counter()
+        hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]
+        seconds = time.perf_counter() - start
+        if hyp is not None:
+            with open_output(hyp) as out:
+                out.writelines(h + "\n" for h in hyps)
+        bleu = sacrebleu.BLEU(lowercase=lowercase)
+        chrf = sacrebleu.CHRF()
+        bleu_score = bleu.corpus_score(hyps, [refs])
+        chrf_score = chrf.corpus_score(hyps, [refs])
+        n_tokens = sum(len(translator.tokenizer.encode(h)) - 1 for h in hyps)
+        print(f"BLEU  {bleu_score.score:.2f}  {bleu.get_signature()}")
+        print(f"chrF  {chrf_score.score:.2f}  {chrf.get_signature()}")
+        print(f"speed {len(hyps) / seconds:.1f} sentences/s, {n_tokens / seconds:.0f} tokens/s "
+              f"({len(hyps)} sentences in {seconds:.1f} s, {decoding.strategy})")
+
+
+@app.command("train")
+def train_command(
+    train: Annotated[Optional[list[str]], typer.Option(
+        "--train", help="Training corpus: a .tsv[.gz] of source<TAB>target, or a prefix P with "
+                        "P.SRC and P.TGT files (plain or .gz). Repeat for several.")] = None,
+    valid: Annotated[Optional[str], typer.Option(help="Validation corpus (same forms).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="TOML file of training settings; flags override it.")] = None,
+    src_lang: Annotated[Optional[str], typer.Option(help="Source language code.")] = None,
+    tgt_lang: Annotated[Optional[str], typer.Option(help="Target language code.")] = None,
+    holdout: Annotated[Optional[int], typer.Option(
+        help="Keep N pairs of the last corpus out of training (written to OUT/heldout.*).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Joint subword vocabulary size.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per batch per process.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads per process.")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train a model (and its tokenizer) on parallel text; resumes OUT if it holds a run.
+
+    Runs on several processes under `torchrun --nproc-per-node N`."""
+    with fail(debug):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from core.train import TrainConfig, Trainer
+
+        flags = dict(train=train or None, valid=valid, out=out, src_lang=src_lang,
+                     tgt_lang=tgt_lang, holdout=holdout, vocab_size=vocab_size, epochs=epochs,
+                     max_minutes=max_minutes, max_tokens=max_tokens, lr=lr, warmup=warmup,
+                     seed=seed, threads=threads)
+        if config is not None:
+            cfg = TrainConfig.from_file(config, **flags)
+        else:
+            cfg = TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("loss {task.fields[loss]:.3f}"),
+                            TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn(),
+                            console=err, transient=True)
+        with progress:
+            Trainer(cfg, progress=progress).run()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""How results look: plain lines, n-best lines, JSON lines, or a live stream on a terminal."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from rich.console import Console
+
+
+def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
+    """One output line per input line (without the newline).
+
+    text:   the best translation; with --n-best N, N fields pairs `translation<TAB>score`,
+            best first (tabs inside a translation become spaces)
+    jsonl:  {"source", "translation", "score"} and, with --n-best, "nbest": [{"text", "score"}]
+    """
+    if fmt == "jsonl":
+        record = {"source": source, "translation": nbest[0].text, "score": round(nbest[0].score, 4)}
+        if n_best > 1:
+            record["nbest"] = [{"text": c.text, "score": round(c.score, 4)} for c in nbest]
+        return json.dumps(record, ensure_ascii=False)
+    if n_best > 1:
+        return "\t".join(f"{c.text.replace(chr(9), ' ')}\t{c.score:.4f}" for c in nbest)
+    return nbest[0].text
+
+
+def write_line(out: TextIO, line: str) -> None:
+    out.write(line + "\n")
+    out.flush()  # a consumer downstream sees each line as soon as it is done
+
+
+def stream_to_terminal(console: Console, pieces) -> None:
+    """Show a translation token by token as the decoder settles it."""
+    for piece in pieces:
+        console.print(piece, end="", style="bold", markup=False, highlight=False)
+    console.print()

@@ -1,0 +1,132 @@
+"""Checkpoint directories: config.json + model.safetensors + tokenizer.json.
+
+Nothing pickled is ever read: weights are safetensors, checked against the config before any
+tensor is loaded."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import checkpoints
+from core.config import ModelConfig
+from core.errors import DeviceError, ModelError, ModelNotFound
+from core.model import Transformer
+from core.tokenizer import Tokenizer
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+DEFAULT_MODEL = "en-de"
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+
+
+def checkpoints_dir() -> Path:
+    """The embedded models: `checkpoints/` in the source tree or in the installed wheel."""
+    return Path(checkpoints.__file__).parent
+
+
+def available_models() -> list[Path]:
+    root = checkpoints_dir()
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file())
+
+
+def resolve(name_or_path: str | None) -> Path:
+    """A directory path, or the name of an embedded model (default: en-de)."""
+    name = name_or_path or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    embedded = checkpoints_dir() / name
+    if "/" not in name and (embedded / CONFIG).is_file():
+        return embedded
+    if name_or_path is None:
+        raise ModelNotFound(f"the default model '{DEFAULT_MODEL}' is not installed in "
+                            f"{checkpoints_dir()}; pass -m DIR with a checkpoint directory")
+    if path.exists():
+        raise ModelNotFound(f"{name} is a file, not a model directory")
+    known = [p.name for p in available_models()]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else (
+        f"; known models: {', '.join(known)}" if known else "")
+    raise ModelNotFound(f"no model directory or embedded model named '{name}'{hint}")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("CUDA was asked for but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def check_tensors(model: Transformer, path: Path) -> list[str]:
+    """Compare names and shapes in a safetensors file with the model built from the config."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({exc})") from None
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+    if missing:
+        raise ModelError(f"{path} lacks tensor(s) {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}; it does not match {CONFIG}")
+    if extra:
+        raise ModelError(f"{path} has unexpected tensor(s) {', '.join(extra[:3])}; "
+                         f"it does not match {CONFIG}")
+    if wrong:
+        n = wrong[0]
+        raise ModelError(f"{path}: tensor {n} has shape {list(found[n])} but {CONFIG} implies "
+                         f"{list(expected[n])}")
+    return sorted(found)
+
+
+def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
+    path = resolve(name_or_path)
+    for file in (CONFIG, WEIGHTS, TOKENIZER):
+        if not (path / file).is_file():
+            raise ModelError(f"{path} is not a complete model directory: {file} is missing")
+    config = ModelConfig.load(path / CONFIG)
+    tokenizer = Tokenizer.load(path / TOKENIZER)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelError(f"{TOKENIZER} has {tokenizer.vocab_size} tokens but {CONFIG} "
+                         f"vocab_size is {config.vocab_size}")
+    target = pick_device(device)
+    with torch.device("meta"):  # shapes only: nothing allocated until the file checks out
+        skeleton = Transformer(config)
+    names = check_tensors(skeleton, path / WEIGHTS)
+    model = Transformer(config)
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            state = {n: f.get_tensor(n).float() for n in names}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path / WEIGHTS} is truncated or corrupt ({exc})") from None
+    model.load_state_dict(state)
+    return Checkpoint(model.to(target).eval(), tokenizer, config, path)
+
+
+def save(model: Transformer, tokenizer: Tokenizer, path: Path, *,
+         dtype: torch.dtype = torch.float32) -> Path:
+    """Write a checkpoint directory (created if needed); tied weights are stored once."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(path / CONFIG)
+    tokenizer.save(path / TOKENIZER)
+    state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,245 @@
+"""The Transformer encoder-decoder of "Attention Is All You Need" (Vaswani et al., 2017).
+
+Dimensions:
+    B  sentences in a batch           N  decoder rows (B, or B * beam size)
+    S  source length                  T  target length (t: positions decoded so far)
+    D  d_model                        H  attention heads, Dh = D / H
+    F  feed-forward inner width       V  vocabulary size
+
+Masks are boolean and True where attention is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.cache import KVCache
+from core.config import ModelConfig
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
+
+
+class Embeddings(nn.Module):
+    """Token embeddings, scaled by sqrt(D) where configured."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight) * self.scale  # (B, T, D)
+
+
+def sinusoid_table(n_positions: int, d: int, layout: str) -> Tensor:
+    """sin/cos of position * 10000^(-2i/D): interleaved (paper) or sines then cosines (Marian)."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    inv_freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * (-math.log(10000.0) / d))
+    angles = position * inv_freq  # (P, D/2)
+    table = torch.empty(n_positions, d, dtype=torch.float64)
+    if layout == "interleaved":
+        table[:, 0::2], table[:, 1::2] = angles.sin(), angles.cos()
+    else:
+        table[:, : d // 2], table[:, d // 2:] = angles.sin(), angles.cos()
+    return table.float()  # (P, D)
+
+
+class PositionalEncoding(nn.Module):
+    """Adds a fixed sinusoidal or a learned vector for each position."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.learned = cfg.positional == "learned"
+        if self.learned:
+            self.weight = nn.Parameter(torch.empty(cfg.max_positions, cfg.d_model))
+        else:  # not a parameter and not saved: it is a function of the config
+            table = sinusoid_table(cfg.max_positions, cfg.d_model, cfg.sinusoid_layout)
+            self.register_buffer("weight", table, persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        T = x.size(1)
+        if offset + T > self.weight.size(0):
+            raise ValueError(f"sequence of {offset + T} positions is longer than the model's "
+                             f"maximum of {self.weight.size(0)}")
+        return x + self.weight[offset: offset + T]  # (B, T, D)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over H heads; keys/values are projected separately so a
+    cache can keep them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.dh = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.attention_dropout
+
+    def split(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))  # 2 x (B, H, L, Dh)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        q = self.split(self.q_proj(x))  # (B, H, T, Dh)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B,H,T,Dh)
+        B, _, T, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: linear, activation, linear."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dropout = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))  # (B, T, D)
+
+
+class AddNorm(nn.Module):
+    """Residual connection and layer norm, after the sub-layer (paper) or before it (pre-norm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm_first = cfg.norm_first
+
+    def forward(self, x: Tensor, sublayer) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention over the source, then feed-forward, each wrapped in add & norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.ffn = MultiHeadAttention(cfg), FeedForward(cfg)
+        self.add_norm1, self.add_norm2 = AddNorm(cfg), AddNorm(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        def attend(h: Tensor) -> Tensor:
+            return self.self_attn(h, *self.self_attn.project_kv(h), mask)
+
+        x = self.add_norm1(x, attend)
+        return self.add_norm2(x, self.ffn)  # (B, S, D)
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over the encoder output, then feed-forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.cross_attn = MultiHeadAttention(cfg), MultiHeadAttention(cfg)
+        self.ffn = FeedForward(cfg)
+        self.add_norm1, self.add_norm2, self.add_norm3 = AddNorm(cfg), AddNorm(cfg), AddNorm(cfg)
+
+    def forward(self, x: Tensor, self_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor],
+                cross_mask: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        def attend_self(h: Tensor) -> Tensor:
+            k, v = self.self_attn.project_kv(h)  # (N, H, T, Dh)
+            if cache is not None:
+                k, v = cache.append(layer, k, v)  # (N, H, t+1, Dh)
+            return self.self_attn(h, k, v, self_mask)
+
+        x = self.add_norm1(x, attend_self)
+        x = self.add_norm2(x, lambda h: self.cross_attn(h, *cross_kv, cross_mask))
+        return self.add_norm3(x, self.ffn)  # (N, T, D)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder with a final linear layer (tied to the embeddings where configured)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.positions = PositionalEncoding(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # pre-norm leaves the residual stream un-normalised: one norm closes each stack
+        self.encoder_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps) if cfg.norm_first else None
+        self.decoder_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps) if cfg.norm_first else None
+        self.lm_head = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.final_logits_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        # with sqrt(D) scaling, N(0, D^-1/2) embeddings start at unit scale, like the positions
+        nn.init.normal_(self.embed.weight, std=self.cfg.d_model ** -0.5)
+
+    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        return self.dropout(self.positions(self.embed(tokens), offset))  # (B, T, D)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """Run the encoder once: (B, S) token ids and (B, S) real-token mask -> (B, S, D)."""
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self.embed_tokens(src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x  # (B, S, D)
+
+    def new_cache(self, memory: Tensor, src_mask: Tensor) -> KVCache:
+        """Project the encoder output into every layer's cross-attention K/V, once."""
+        cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]  # (B, H, S, Dh)
+        B, H, Dh = memory.size(0), self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+        empty = [memory.new_zeros(B, H, 0, Dh) for _ in self.decoder]
+        return KVCache(self_k=empty, self_v=list(empty), cross_k=[k for k, _ in cross],
+                       cross_v=[v for _, v in cross], memory_mask=src_mask[:, None, None, :])
+
+    def project(self, x: Tensor) -> Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = x @ weight.T  # (..., V)
+        return logits + self.logits_bias if self.logits_bias is not None else logits
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """Advance every row by one position: (N,) last tokens -> (N, V) next-token logits.
+
+        The cache gains this position's self-attention K/V; the new position sees all cached
+        ones, so no causal mask is needed."""
+        x = self.embed_tokens(tokens[:, None], offset=cache.length)  # (N, 1, D)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, None, (cache.cross_k[i], cache.cross_v[i]), cache.memory_mask, cache, i)
+        cache.length += 1
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.project(x[:, 0]), cache  # (N, V)
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Teacher-forced decoder over a whole target prefix: (B, T) -> (B, T, V)."""
+        T = tgt_in.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()  # (T, T)
+        # pad positions only ever follow real ones, so the causal mask already hides them
+        # from every real query; their own outputs are ignored by the loss
+        x = self.embed_tokens(tgt_in)
+        cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.decoder:
+            x = layer(x, causal, layer.cross_attn.project_kv(memory), cross_mask)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.project(x)  # (B, T, V)
+
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)  # (B, T, V)

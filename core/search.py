@@ -1,0 +1,276 @@
+"""Decoding strategies: pure logit transforms, and Sampling / BeamSearch with one `step()`.
+
+A strategy sees the model's next-token log-probabilities for every live row and decides the
+next tokens, which rows survive (and whose cache they inherit), and what became final. Greedy
+is sampling at temperature 0; beam search with one beam gives the same result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from core.errors import UsageError
+
+NEG_INF = float("-inf")
+
+
+# ---- logit transforms: pure functions (V is the last dimension) --------------------------
+
+def temperature(logits: Tensor, t: float) -> Tensor:
+    return logits / t
+
+
+def top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k highest logits of each row; k <= 0 keeps all."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (the nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = before >= p  # the first token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def forbid(logits: Tensor, ids: list[int]) -> Tensor:
+    if not ids:
+        return logits
+    logits = logits.clone()
+    logits[:, ids] = NEG_INF
+    return logits
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + length) / 6) ^ alpha; alpha = 0 scores by plain log-prob sum."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# ---- what a step reports ---------------------------------------------------------------
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without EOS
+    score: float  # sum of log-probs (EOS included) / length_penalty(len + 1, alpha)
+
+
+@dataclass
+class Step:
+    """What one decoding step settled, keyed by sentence index in the batch."""
+
+    committed: dict[int, list[int]] = field(default_factory=dict)  # tokens now final, appended
+    finished: dict[int, list[Hypothesis]] = field(default_factory=dict)  # n-best of ended ones
+
+
+class Strategy:
+    """Owns the hypotheses of one batch; the generation loop owns the model and the cache."""
+
+    def start(self, batch_size: int, device: torch.device) -> Tensor:
+        """Begin a batch; return the encoder row each decoder row reads (N,)."""
+        raise NotImplementedError
+
+    def step(self, logprobs: Tensor) -> tuple[Step, Tensor, Tensor]:
+        """(N, V) log-probs -> (report, surviving rows' origins (N',), their next tokens (N',))."""
+        raise NotImplementedError
+
+
+class Sampling(Strategy):
+    """Draw each token from the (temperature, top-k, top-p)-shaped distribution; temperature 0
+    takes the arg-max, which is greedy decoding."""
+
+    def __init__(self, *, eos_id: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, alpha: float = 0.0):
+        self.eos_id, self.t, self.k, self.p, self.alpha = eos_id, temperature, top_k, top_p, alpha
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def start(self, batch_size: int, device: torch.device) -> Tensor:
+        if self.t > 0 and (self.generator is None or self.generator.device != device):
+            self.generator = torch.Generator(device)  # one stream per strategy, across batches
+            if self.seed is None:
+                self.generator.seed()  # from the OS: differs run to run
+            else:
+                self.generator.manual_seed(self.seed)
+        self.sentences = list(range(batch_size))  # sentence of each live row
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.scores = torch.zeros(batch_size, device=device)
+        return torch.arange(batch_size, device=device)
+
+    def choose(self, logprobs: Tensor) -> Tensor:
+        if self.t == 0:
+            return logprobs.argmax(-1)  # (N,)
+        logits = top_p(top_k(temperature(logprobs, self.t), self.k), self.p)
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+
+    def step(self, logprobs: Tensor) -> tuple[Step, Tensor, Tensor]:
+        chosen = self.choose(logprobs)  # (N,)
+        self.scores = self.scores + logprobs.gather(1, chosen[:, None])[:, 0]
+        report, keep = Step(), []
+        for row, (sentence, token) in enumerate(zip(self.sentences, chosen.tolist())):
+            if token == self.eos_id:
+                tokens = self.tokens[sentence]
+                score = self.scores[row].item() / length_penalty(len(tokens) + 1, self.alpha)
+                report.finished[sentence] = [Hypothesis(tokens, score)]
+            else:
+                self.tokens[sentence].append(token)
+                report.committed[sentence] = [token]
+                keep.append(row)
+        rows = torch.tensor(keep, dtype=torch.long, device=logprobs.device)
+        self.sentences = [self.sentences[r] for r in keep]
+        self.scores = self.scores[rows]
+        return report, rows, chosen[rows]
+
+
+class BeamSearch(Strategy):
+    """Beam search over a whole batch in tensors: each sentence keeps `beam_size` live
+    hypotheses; candidates are ranked by summed log-prob, finished ones by the length-penalised
+    score.
+
+    A sentence ends when `beam_size` hypotheses have finished, or when its n-best finished
+    ones cannot be beaten by any extension of a live one (log-probs only fall, and the
+    penalty's divisor is largest at max_length). Its rows then leave the working batch."""
+
+    def __init__(self, *, eos_id: int, beam_size: int, max_length: int, alpha: float = 0.0,
+                 n_best: int = 1):
+        self.eos_id, self.k, self.max_length, self.alpha = eos_id, beam_size, max_length, alpha
+        self.n_best = n_best
+
+    def start(self, batch_size: int, device: torch.device) -> Tensor:
+        K = self.k
+        self.sentences = torch.arange(batch_size, device=device)  # (n,) live sentences
+        self.scores = torch.full((batch_size, K), NEG_INF, device=device)  # (n, K) log-prob sums
+        self.scores[:, 0] = 0.0  # all K rows start identical: expand only the first
+        self.history = torch.zeros(batch_size * K, 0, dtype=torch.long, device=device)  # (n*K, t)
+        self.finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
+        self.committed = [0] * batch_size  # tokens of each sentence already reported final
+        return self.sentences.repeat_interleave(K)
+
+    def step(self, logprobs: Tensor) -> tuple[Step, Tensor, Tensor]:
+        K, V = self.k, logprobs.size(-1)
+        n, t = self.scores.size(0), self.history.size(1)
+        candidates = (self.scores[:, :, None] + logprobs.view(n, K, V)).view(n, K * V)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (n, 2K)
+        origin, token = top_index // V, top_index % V  # (n, 2K) beam of origin, next token
+        is_eos = token == self.eos_id
+
+        # EOS among the K best candidates ends a hypothesis
+        ended = is_eos[:, :K] & (top_scores[:, :K] > NEG_INF)
+        for i, j in ended.nonzero().tolist():
+            sentence = int(self.sentences[i])
+            tokens = self.history[i * K + origin[i, j]].tolist()
+            score = top_scores[i, j].item() / length_penalty(t + 1, self.alpha)
+            self.finished[sentence].append(Hypothesis(tokens, score))
+
+        # the K best candidates that do not end continue
+        live_scores, pick = top_scores.masked_fill(is_eos, NEG_INF).topk(K, dim=1)  # (n, K)
+        rows = (torch.arange(n, device=logprobs.device)[:, None] * K
+                + origin.gather(1, pick)).view(-1)  # (n*K,)
+        next_tokens = token.gather(1, pick).view(-1)  # (n*K,)
+        history = torch.cat([self.history[rows], next_tokens[:, None]], dim=1)  # (n*K, t+1)
+
+        report, keep = Step(), []
+        best_possible = live_scores[:, 0] / length_penalty(self.max_length + 1, self.alpha)
+        prefix = self.shared_prefix(history.view(n, K, t + 1), live_scores)  # (n,)
+        for i, sentence in enumerate(self.sentences.tolist()):
+            done = self.finished[sentence]
+            done.sort(key=lambda h: -h.score)
+            bound = best_possible[i].item()
+            if len(done) >= K or bound == NEG_INF or (
+                    len(done) >= self.n_best and done[self.n_best - 1].score >= bound):
+                best = done[0].tokens
+                report.committed[sentence] = best[self.committed[sentence]:]
+                report.finished[sentence] = done[: self.n_best]
+                continue
+            keep.append(i)
+            length = prefix[i]
+            for hyp in done:  # a finished hypothesis may still win: commit only what it shares
+                length = min(length, common_length(hyp.tokens, history[i * K].tolist()))
+            if length > self.committed[sentence]:
+                report.committed[sentence] = history[i * K, self.committed[sentence]:length].tolist()
+                self.committed[sentence] = length
+
+        kept = torch.tensor(keep, dtype=torch.long, device=logprobs.device)
+        kept_rows = (kept[:, None] * K + torch.arange(K, device=kept.device)).view(-1)
+        self.sentences, self.scores = self.sentences[kept], live_scores[kept]
+        self.history = history[kept_rows]
+        return report, rows[kept_rows], next_tokens[kept_rows]
+
+    @staticmethod
+    def shared_prefix(history: Tensor, scores: Tensor) -> list[int]:
+        """Per sentence, how many leading tokens all its live hypotheses share."""
+        alive = (scores > NEG_INF)[:, :, None]  # (n, K, 1)
+        same = ((history == history[:, :1]) | ~alive).all(dim=1)  # (n, t)
+        return same.long().cumprod(dim=1).sum(dim=1).tolist()
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---- options and the registry ------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class DecodeOptions:
+    """Everything a user can choose about decoding; validated once, up front."""
+
+    strategy: str = "greedy"  # a name in STRATEGIES
+    beam_size: int = 5
+    length_penalty: float = 0.6  # GNMT alpha; 0 ranks by the plain sum of log-probs
+    n_best: int = 1
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int | None = None
+    min_length: int = 0  # EOS is forbidden before this many tokens
+    max_length: int = 256  # at most this many tokens per sentence (EOS not counted)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, why: str) -> None:
+            if not ok:
+                raise UsageError(why)
+
+        need(self.strategy in STRATEGIES, f"unknown strategy '{self.strategy}'; "
+             f"choose from {', '.join(STRATEGIES)}")
+        need(self.beam_size >= 1, f"beam size must be at least 1, got {self.beam_size}")
+        need(self.length_penalty >= 0, f"length penalty must be >= 0, got {self.length_penalty}")
+        need(self.n_best >= 1, f"n-best must be at least 1, got {self.n_best}")
+        need(self.top_k >= 0, f"top-k must be >= 0, got {self.top_k}")
+        need(0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(self.max_length >= 1, f"max length must be at least 1, got {self.max_length}")
+        need(0 <= self.min_length <= self.max_length,
+             f"min length must be between 0 and max length ({self.max_length}), "
+             f"got {self.min_length}")
+        if self.strategy == "beam":
+            need(self.n_best <= self.beam_size,
+                 f"n-best ({self.n_best}) cannot exceed the beam size ({self.beam_size})")
+        else:
+            need(self.n_best == 1, "n-best lists need beam search (-s beam)")
+
+    def make(self, eos_id: int) -> Strategy:
+        return STRATEGIES[self.strategy](self, eos_id)
+
+
+STRATEGIES: dict[str, Callable[[DecodeOptions, int], Strategy]] = {
+    "greedy": lambda o, eos: Sampling(eos_id=eos, temperature=0.0, alpha=o.length_penalty),
+    "sample": lambda o, eos: Sampling(eos_id=eos, temperature=o.temperature, top_k=o.top_k,
+                                      top_p=o.top_p, seed=o.seed, alpha=o.length_penalty),
+    "beam": lambda o, eos: BeamSearch(eos_id=eos, beam_size=o.beam_size,
+                                      max_length=o.max_length, alpha=o.length_penalty,
+                                      n_best=o.n_best),
+}

@@ -1,0 +1,140 @@
+"""The command line, on both streams: stdout holds translations only, stderr the rest."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from core.translator import Translator
+
+runner = CliRunner()
+
+
+def run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input, prog_name="translate")
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """Reference translations straight from the Python API, to compare the CLI against."""
+    translator = Translator.load(str(model_dir), device="cpu")
+    return lambda lines, **opts: translator.translate(lines, max_length=8, **opts)
+
+
+def test_argument(model_dir, expected):
+    result = run("-m", model_dir, "--max-length", 8, "A man is riding a bicycle.")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected(["A man is riding a bicycle."])[0] + "\n"
+    assert result.stderr == ""
+
+
+def test_stdin_keeps_blank_lines_and_order(model_dir, expected):
+    lines = ["Two dogs play in the snow.", "", "   ", "A man is riding.", "Die Kinder lachen."]
+    result = run("-m", model_dir, "--max-length", 8, input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == expected(lines)
+    assert result.stdout.split("\n")[1:3] == ["", "   "]
+
+
+def test_crlf_and_missing_final_newline(model_dir, expected):
+    result = run("-m", model_dir, "--max-length", 8, input="Two dogs.\r\n\r\nA man")
+    assert result.stdout.split("\n")[:-1] == expected(["Two dogs.", "", "A man"])
+
+
+def test_file_in_file_out(model_dir, expected, tmp_path):
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    lines = ["Where is the train station?", "", "Two dogs play in the snow."]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run("-m", model_dir, "--max-length", 8, "-i", src, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert out.read_text(encoding="utf-8").split("\n")[:-1] == expected(lines)
+    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob("*.part"))
+
+
+def test_failed_run_leaves_existing_output_alone(model_dir, tmp_path):
+    out = tmp_path / "out.de"
+    out.write_text("precious\n")
+    result = run("-m", tmp_path / "nope", "-o", out, "Hello")
+    assert result.exit_code == 3
+    assert out.read_text() == "precious\n"
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_beam_n_best_format(model_dir):
+    result = run("-m", model_dir, "--max-length", 6, "-b", 3, "--n-best", 3, "A man.\nTwo dogs.")
+    assert result.exit_code == 0, result.stderr
+    for line in result.stdout.splitlines():
+        fields = line.split("\t")
+        assert len(fields) == 6  # text, score, text, score, text, score
+        scores = [float(s) for s in fields[1::2]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_jsonl(model_dir, expected):
+    result = run("-m", model_dir, "--max-length", 8, "--format", "jsonl", "-s", "beam", "-b", 2,
+                 "--n-best", 2, input="A man.\n\n")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["source"] for r in records] == ["A man.", ""]
+    assert records[0]["translation"] == records[0]["nbest"][0]["text"]
+    assert len(records[0]["nbest"]) == 2 and records[1]["translation"] == ""
+
+
+def test_sampling_flags_imply_sampling_and_seed_repeats(model_dir):
+    first = run("-m", model_dir, "--max-length", 8, "-k", 20, "--seed", 3, "A man is riding.")
+    again = run("-m", model_dir, "--max-length", 8, "-s", "sample", "-k", 20, "--seed", 3,
+                "A man is riding.")
+    assert first.exit_code == 0 and first.stdout == again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-b", "0"], "beam size must be at least 1"),
+    (["-p", "1.5"], "top-p must be in (0, 1]"),
+    (["-T", "-1"], "temperature must be >= 0"),
+    (["-b", "2", "--n-best", "3"], "n-best (3) cannot exceed the beam size (2)"),
+    (["-s", "greedy", "-k", "5"], "--top-k only applies to sampling"),
+    (["-s", "beam", "-T", "0.5"], "--temperature only applies to sampling"),
+    (["-k", "5", "-b", "2"], "do not go together"),
+    (["--format", "xml"], "unknown format"),
+])
+def test_bad_options_are_one_line_errors(model_dir, args, message):
+    result = run("-m", model_dir, *args, "Hello")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    result = run("-m", tmp_path / "missing", "Hello")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: no model directory") and result.stderr.count("\n") == 1
+
+
+def test_incomplete_model_dir(model_dir, tmp_path):
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    result = run("-m", tmp_path, "Hello")
+    assert result.exit_code == 4 and "model.safetensors is missing" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("-m", tmp_path / "missing", "--debug", "Hello")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_models_lists_embedded_checkpoints(monkeypatch, model_dir):
+    from core import checkpoint
+
+    monkeypatch.setattr(checkpoint, "checkpoints_dir", lambda: model_dir.parent)
+    result = run("models")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("tiny-en-de\t")
+
+
+def test_help_lists_flags_and_subcommands():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "Usage: translate [OPTIONS] [TEXT]..." in result.stdout
+    for flag in ("--beam-size", "--top-p", "--n-best", "--format", "models", "eval", "train"):
+        assert flag in result.stdout

@@ -1,0 +1,86 @@
+"""The Transformer itself: masks, padding and the KV cache."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+VARIANTS = [
+    {},  # the paper: post-norm, sinusoidal interleaved, relu, tied output
+    {"norm_first": True, "positional": "learned", "activation": "gelu", "tie_output": False},
+    {"sinusoid_layout": "halves", "activation": "swish", "final_logits_bias": True,
+     "scale_embeddings": False},
+]
+V = 50
+
+
+def batch(lengths, seed=0):
+    """Right-padded random source ids (B, S) and their mask; ids 4.. are ordinary tokens."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    src = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, V, (n,), generator=g)
+    return src, src != 0
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_causal_mask_hides_later_target_tokens(overrides):
+    """Changing target token j never changes decoder outputs at positions before j."""
+    model = tiny_model(V, **overrides)
+    src, mask = batch([7])
+    tgt = torch.randint(4, V, (1, 9))
+    changed = tgt.clone()
+    changed[0, 5:] = torch.randint(4, V, (4,))
+    a, b = model(src, mask, tgt), model(src, mask, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_padded_batch_equals_each_sentence_alone(overrides):
+    """Padding on the source and target side changes nothing for the real positions."""
+    model = tiny_model(V, **overrides)
+    src_lengths, tgt_lengths = [3, 8, 5], [6, 2, 4]
+    src, mask = batch(src_lengths, seed=1)
+    tgt, _ = batch(tgt_lengths, seed=2)
+    together = model(src, mask, tgt)
+    for i, (s, t) in enumerate(zip(src_lengths, tgt_lengths)):
+        alone = model(src[i: i + 1, :s], mask[i: i + 1, :s], tgt[i: i + 1, :t])
+        torch.testing.assert_close(together[i: i + 1, :t], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_cached_decoding_equals_recomputing_the_prefix(overrides):
+    """decode_step with the KV cache gives the logits of a full teacher-forced pass."""
+    model = tiny_model(V, **overrides)
+    src, mask = batch([4, 9], seed=3)
+    tgt = torch.randint(4, V, (2, 7))
+    full = model(src, mask, tgt)  # (B, T, V)
+    memory = model.encode(src, mask)
+    cache = model.new_cache(memory, mask)
+    for t in range(tgt.size(1)):
+        logits, cache = model.decode_step(tgt[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
+    assert cache.length == tgt.size(1)
+
+
+def test_cache_reorder_follows_rows():
+    """reorder() gives each row the K/V of the row it came from, so beams keep their history."""
+    model = tiny_model(V)
+    src, mask = batch([5, 6], seed=4)
+    cache = model.new_cache(model.encode(src, mask), mask)
+    tokens = torch.tensor([7, 8])
+    for _ in range(3):
+        _, cache = model.decode_step(tokens, cache)
+    swapped = cache.reorder(torch.tensor([1, 0, 0]))
+    logits_swapped, _ = model.decode_step(torch.tensor([8, 7, 7]), swapped)
+    logits, _ = model.decode_step(tokens, cache)
+    torch.testing.assert_close(logits_swapped, logits[[1, 0, 0]])
+
+
+def test_too_long_input_is_a_clear_error():
+    model = tiny_model(V, max_positions=8)
+    src, mask = batch([9])
+    with pytest.raises(ValueError, match="longer than the model's maximum"):
+        model.encode(src, mask)
