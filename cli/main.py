@@ -40,25 +40,16 @@ app = typer.Typer(cls=DefaultCommandGroup, add_completion=False, no_args_is_help
                   pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-
 @app.callback()
 def group() -> None:
     """Translate text on the shell with a Transformer encoder-decoder."""
 
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-
-
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Checkpoint directory or embedded model name [default: en-de].")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 BatchSize = Annotated[int, typer.Option(help="Sentences decoded together.")]
-
-
-def warn_invalid(numbers: list[int]):
-    def note(number: int) -> None:
-        numbers.append(number)
-    return note
 
 
 def report_invalid(numbers: list[int]) -> None:
@@ -67,8 +58,9 @@ def report_invalid(numbers: list[int]) -> None:
         err.print(f"warning: invalid UTF-8 replaced on line(s) {shown}")
 
 
-@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | train | eval  (see "
-                            "translate COMMAND --help)")
+@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | train | "
+                                                "eval  (see translate COMMAND --help)")
+@opt.with_decoding()
 def translate_command(
     text: Annotated[Optional[list[str]], typer.Argument(
         help="Text to translate; without it, lines come from -i FILE or stdin.",
@@ -81,17 +73,8 @@ def translate_command(
     device: Device = "auto",
     batch_size: BatchSize = 32,
     fmt: Annotated[str, typer.Option("--format", help="text or jsonl.")] = "text",
-    strategy: opt.Strategy = None,
-    beam_size: opt.BeamSize = None,
-    length_penalty: opt.LengthPenalty = 0.6,
-    n_best: opt.NBest = None,
-    top_k: opt.TopK = None,
-    top_p: opt.TopP = None,
-    temperature: opt.Temperature = None,
-    seed: opt.Seed = None,
-    min_length: opt.MinLength = 0,
-    max_length: opt.MaxLength = 256,
     debug: Debug = False,
+    decoding: dict = None,
 ) -> None:
     """Translate text: an argument, lines piped in, or a file; one output line per input line."""
     with fail(debug):
@@ -101,12 +84,9 @@ def translate_command(
             raise UsageError(f"unknown format '{fmt}'; use text or jsonl")
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        decoding = opt.decode_options(
-            strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, n_best=n_best,
-            top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-            min_length=min_length, max_length=max_length)
+        decoding = opt.decode_options(**decoding)
         invalid: list[int] = []
-        with open_input(text, input, warn_invalid(invalid)) as lines:
+        with open_input(text, input, invalid.append) as lines:
             from core.translator import Translator
 
             translator = Translator.load(model, device=device, batch_size=batch_size)
@@ -146,6 +126,7 @@ def models_command(debug: Debug = False) -> None:
 
 
 @app.command("eval")
+@opt.with_decoding(exclude=("n_best",))
 def eval_command(
     src: Annotated[Path, typer.Option(help="Source sentences, one per line.")],
     ref: Annotated[Path, typer.Option(help="Reference translations, line-aligned with --src.")],
@@ -156,16 +137,8 @@ def eval_command(
         "--output", "-o", help="Also write the translations to FILE.")] = None,
     lowercase: Annotated[bool, typer.Option(
         "--lowercase", "-lc", help="Case-insensitive BLEU.")] = False,
-    strategy: opt.Strategy = None,
-    beam_size: opt.BeamSize = None,
-    length_penalty: opt.LengthPenalty = 0.6,
-    top_k: opt.TopK = None,
-    top_p: opt.TopP = None,
-    temperature: opt.Temperature = None,
-    seed: opt.Seed = None,
-    min_length: opt.MinLength = 0,
-    max_length: opt.MaxLength = 256,
     debug: Debug = False,
+    decoding: dict = None,
 ) -> None:
     """Translate --src and score it against --ref: sacreBLEU BLEU and chrF, and speed."""
     with fail(debug):
@@ -177,10 +150,7 @@ def eval_command(
         from core.errors import DataError
         from core.translator import Translator
 
-        decoding = opt.decode_options(
-            strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, n_best=None,
-            top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-            min_length=min_length, max_length=max_length)
+        decoding = opt.decode_options(**decoding)
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")

@@ -19,6 +19,7 @@ def generate(model: Transformer, src: Tensor, src_mask: Tensor, strategy: Strate
     are never generated. Finished sentences leave the working batch, and the cache follows the
     rows the strategy keeps."""
     cfg = model.cfg
+    max_length = min(max_length, cfg.max_positions - 1)  # the last position is for EOS
     never = sorted({cfg.pad_id, cfg.bos_id, cfg.decoder_start_id} - {cfg.eos_id})
     not_eos = [i for i in range(cfg.vocab_size) if i != cfg.eos_id]
     with torch.inference_mode():

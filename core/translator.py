@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from core import checkpoint
+from core.errors import DataError
 from core.generate import generate
 from core.model import Transformer
 from core.search import DecodeOptions, Strategy
@@ -84,6 +85,7 @@ class Translator:
             else:
                 results[i] = [Candidate(line, 0.0)]
         ids = self.tokenizer.encode_batch([lines[i].strip() for i in todo])
+        self.check_lengths(ids)
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         emitted = 0
         for start in range(0, len(order), self.batch_size):
@@ -110,7 +112,9 @@ class Translator:
             yield line
             return
         opts = DecodeOptions(**options)
-        src, mask = self.pad(self.tokenizer.encode_batch([line.strip()]))
+        ids = self.tokenizer.encode_batch([line.strip()])
+        self.check_lengths(ids)
+        src, mask = self.pad(ids)
         detok = Detokenizer(self.tokenizer)
         for step in generate(self.model, src, mask, opts.make(self.tokenizer.eos_id),
                              max_length=opts.max_length, min_length=opts.min_length):
@@ -120,6 +124,13 @@ class Translator:
         rest = detok.finish()
         if rest:
             yield rest
+
+    def check_lengths(self, ids: list[list[int]]) -> None:
+        limit = self.model.cfg.max_positions
+        longest = max((len(x) for x in ids), default=0)
+        if longest > limit:
+            raise DataError(f"a line of {longest} tokens is longer than the {limit} source "
+                            "tokens this model reads; split it into shorter lines")
 
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad a batch: (B, S) ids and (B, S) real-token mask, on the model's device."""
