@@ -1,7 +1,8 @@
-"""The two output streams: stdout carries translations only; everything else goes to `err`."""
+"""The stderr console, and the handler that turns failures into one line and an exit code."""
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -9,10 +10,13 @@ from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
 
+INTERRUPTED, BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
+
 
 @contextmanager
 def fail(debug: bool):
-    """Turn a known error into one line on stderr and its exit code (tracebacks with --debug)."""
+    """Known errors become one line on stderr and their exit code; Ctrl-C exits 130 and a
+    reader that went away (`| head -1`) ends the run quietly. --debug shows tracebacks."""
     from core.errors import TranslateError
 
     try:
@@ -26,4 +30,10 @@ def fail(debug: bool):
         if debug:
             raise
         err.print("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    except BrokenPipeError:
+        try:  # stdout is gone: point it at /dev/null so the final flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        sys.exit(BROKEN_PIPE)

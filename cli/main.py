@@ -1,4 +1,4 @@
-"""The `translate` command: translates by default; subcommands models, train and eval.
+"""The `translate` command: translates by default; subcommands models, download, train, eval.
 
 torch is imported only inside the commands that need it, so `--help` stays instant."""
 
@@ -15,7 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from cli import options as opt
 from cli.console import err, fail
-from cli.render import format_result, stream_to_terminal, write_line
+from cli.render import format_result, progress_bar, stream_to_terminal, write_line
 from cli.streams import open_input, open_output
 
 
@@ -47,9 +47,52 @@ def group() -> None:
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Checkpoint directory or embedded model name [default: en-de].")]
+    "--model", "-m", help="Checkpoint directory, Marian directory (Hugging Face layout), "
+                          "embedded model name, or Hugging Face Hub id OWNER/NAME "
+                          "[default: en-de].")]
+Revision = Annotated[Optional[str], typer.Option(
+    help="Branch, tag or commit of a Hub model [default: main].", show_default=False)]
+To = Annotated[Optional[str], typer.Option(
+    "--to", help="Target language of a multilingual model, e.g. fra (adds >>fra<<).",
+    show_default=False)]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 BatchSize = Annotated[int, typer.Option(help="Sentences decoded together.")]
+
+
+# flags that choose a decoding strategy: any of them replaces the model's own choice
+PICKS = ("strategy", "beam_size", "n_best", "top_k", "top_p", "temperature")
+
+
+def load_translator(model, revision, to, device, batch_size):
+    """The Translator for -m/--revision/--to, and the decoding settings the model suggests."""
+    from core import checkpoint
+    from core.translator import Translator
+
+    path = checkpoint.resolve(model, revision=revision)
+    translator = Translator.load(str(path), device=device, batch_size=batch_size)
+    if to is not None:
+        translator.tokenizer = translator.tokenizer.with_target_language(to)
+    return translator, checkpoint.read_generation(path)
+
+
+def with_model_defaults(flags: dict, defaults: dict) -> dict:
+    """Fill the flags the user left out from the model's decoding settings (Marian: beam search
+    with its beam size, its maximum length). A user's strategy flag replaces the model's
+    strategy; the model's beam size still applies to beam search chosen without -b."""
+    merged = {k: defaults[k] if v is None and k in defaults and k not in PICKS else v
+              for k, v in flags.items()}
+    if any(flags.get(k) is not None for k in PICKS):
+        chosen = opt.decode_options(**flags).strategy
+    else:
+        chosen = merged["strategy"] = defaults.get("strategy")
+    if chosen == "beam" and flags.get("beam_size") is None and "beam_size" in defaults:
+        merged["beam_size"] = defaults["beam_size"]
+    return merged
+
+
+def warn_split(line: int, pieces: int) -> None:
+    err.print(f"warning: line {line} is longer than the model reads at once; translated in "
+              f"{pieces} pieces")
 
 
 def report_invalid(numbers: list[int]) -> None:
@@ -58,8 +101,8 @@ def report_invalid(numbers: list[int]) -> None:
         err.print(f"warning: invalid UTF-8 replaced on line(s) {shown}")
 
 
-@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | train | "
-                                                "eval  (see translate COMMAND --help)")
+@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | download | "
+                                                "train | eval  (see translate COMMAND --help)")
 @opt.with_decoding()
 def translate_command(
     text: Annotated[Optional[list[str]], typer.Argument(
@@ -70,6 +113,8 @@ def translate_command(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write to FILE (replaced only when complete).")] = None,
     model: Model = None,
+    revision: Revision = None,
+    to: To = None,
     device: Device = "auto",
     batch_size: BatchSize = 32,
     fmt: Annotated[str, typer.Option("--format", help="text or jsonl.")] = "text",
@@ -84,12 +129,11 @@ def translate_command(
             raise UsageError(f"unknown format '{fmt}'; use text or jsonl")
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        decoding = opt.decode_options(**decoding)
+        flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            from core.translator import Translator
-
-            translator = Translator.load(model, device=device, batch_size=batch_size)
+            translator, defaults = load_translator(model, revision, to, device, batch_size)
+            decoding = opt.decode_options(**with_model_defaults(flags, defaults))
             live = output is None and sys.stdout.isatty() and fmt == "text" and decoding.n_best == 1
             with open_output(output) as out:
                 if live:
@@ -100,29 +144,52 @@ def translate_command(
                         stream_to_terminal(console, translator.stream(line, **vars(decoding)))
                 else:
                     sources, queued = itertools.tee(lines)
-                    results = translator.iter_translate(queued, decoding)
-                    for source, nbest in zip(sources, results):
-                        write_line(out, format_result(source, nbest, fmt, decoding.n_best))
+                    results = translator.iter_translate(queued, decoding, on_split=warn_split)
+                    total = input.stat().st_size if input is not None else None
+                    with progress_bar(err, total, enabled=err.is_terminal and not text) as advance:
+                        for source, nbest in zip(sources, results):
+                            write_line(out, format_result(source, nbest, fmt, decoding.n_best))
+                            advance(len(source.encode()) + 1)
         report_invalid(invalid)
 
 
 @app.command("models")
 def models_command(debug: Debug = False) -> None:
-    """List the models that -m accepts by name."""
+    """List the models that -m accepts by name: embedded ones, then converted Marian models."""
     with fail(debug):
         import json
 
+        from core import hub
         from core.checkpoint import DEFAULT_MODEL, available_models, checkpoints_dir
 
         found = available_models()
         if not found:
             err.print(f"no models installed in {checkpoints_dir()}")
-        for path in found:
+        entries = [(p.name, p, "  (default)" if p.name == DEFAULT_MODEL else "") for p in found]
+        for name, path, note in entries + hub.cached_models():
             cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-            pair = f"{cfg.get('source_lang', '?')}->{cfg.get('target_lang', '?')}"
-            default = "  (default)" if path.name == DEFAULT_MODEL else ""
-            print(f"{path.name}\t{pair}\t{size:.1f} MB\t{path}{default}")
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+            pair = f"{cfg.get('source_lang') or '?'}->{cfg.get('target_lang') or '?'}"
+            print(f"{name}\t{pair}\t{size:.1f} MB\t{path}{note}")
+
+
+@app.command("download")
+def download_command(
+    repo: Annotated[str, typer.Argument(
+        help="Hugging Face Hub id, e.g. Helsinki-NLP/opus-mt-en-fr.", metavar="ID",
+        show_default=False)],
+    revision: Revision = None,
+    debug: Debug = False,
+) -> None:
+    """Fetch a Marian (opus-mt) model from the Hugging Face Hub and convert it for -m ID;
+    prints the converted directory."""
+    with fail(debug):
+        from core import hub
+
+        path = hub.download(repo, revision)
+        err.print(f"{repo} is ready: translate -m {repo}"
+                  + (f" --revision {revision}" if revision else ""))
+        print(path)
 
 
 @app.command("eval")
@@ -131,6 +198,8 @@ def eval_command(
     src: Annotated[Path, typer.Option(help="Source sentences, one per line.")],
     ref: Annotated[Path, typer.Option(help="Reference translations, line-aligned with --src.")],
     model: Model = None,
+    revision: Revision = None,
+    to: To = None,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     hyp: Annotated[Optional[Path], typer.Option(
@@ -148,13 +217,13 @@ def eval_command(
 
         from core.data import read_lines
         from core.errors import DataError
-        from core.translator import Translator
 
-        decoding = opt.decode_options(**decoding)
+        flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        translator = Translator.load(model, device=device, batch_size=batch_size)
+        translator, defaults = load_translator(model, revision, to, device, batch_size)
+        decoding = opt.decode_options(**with_model_defaults(flags, defaults))
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]
         seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import TextIO
 
 from rich.console import Console
@@ -35,3 +36,20 @@ def stream_to_terminal(console: Console, pieces) -> None:
     for piece in pieces:
         console.print(piece, end="", style="bold", markup=False, highlight=False)
     console.print()
+
+
+@contextmanager
+def progress_bar(console: Console, total: int | None, enabled: bool):
+    """A transient bar on stderr, advanced by the bytes of input translated so far; yields the
+    function that advances it. Nothing at all when not enabled (stderr is not a terminal)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    columns = [SpinnerColumn(), TextColumn("translating"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("translating", total=total)
+        yield lambda n: progress.advance(task, n)

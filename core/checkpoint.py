@@ -1,12 +1,17 @@
-"""Checkpoint directories: config.json + model.safetensors + tokenizer.json.
+"""Checkpoint directories: config.json + model.safetensors + tokenizer.json (or
+source_tokenizer.json + target_tokenizer.json when the two sides differ, as in Marian models),
+and optionally generation.json, the decoding settings the model was published with.
 
 Nothing pickled is ever read: weights are safetensors, checked against the config before any
-tensor is loaded."""
+tensor is loaded. `-m` also takes Marian directories in Hugging Face layout and Hugging Face
+Hub ids; core.hub converts those once into checkpoint directories in a per-user cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,11 +20,13 @@ from safetensors.torch import save_file
 
 import checkpoints
 from core.config import ModelConfig
-from core.errors import DeviceError, ModelError, ModelNotFound
+from core.errors import DeviceError, ModelError, ModelNotFound, UsageError
 from core.model import Transformer
 from core.tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+SOURCE_TOKENIZER, TARGET_TOKENIZER = "source_tokenizer.json", "target_tokenizer.json"
+GENERATION = "generation.json"
 DEFAULT_MODEL = "en-de"
 
 
@@ -29,6 +36,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
+    generation: dict = field(default_factory=dict)  # DecodeOptions fields the model suggests
 
 
 def checkpoints_dir() -> Path:
@@ -41,15 +49,34 @@ def available_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file())
 
 
-def resolve(name_or_path: str | None) -> Path:
-    """A directory path, or the name of an embedded model (default: en-de)."""
+def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
+    """The checkpoint directory for -m: a directory path, the name of an embedded model
+    (default: en-de), or a Hugging Face Hub id OWNER/NAME at `revision` (default main).
+
+    An existing path always wins over a Hub id. A directory in Hugging Face Marian layout, and
+    a Hub model, are converted once into the cache and that copy is returned."""
+    from core import hub, marian
+
     name = name_or_path or DEFAULT_MODEL
     path = Path(name).expanduser()
+    if revision is not None and (path.exists() or not hub.is_hub_id(name)):
+        raise UsageError(f"--revision applies to Hugging Face Hub ids (OWNER/NAME), not '{name}'")
     if path.is_dir():
-        return path
+        kind = marian.hf_model_type(path)
+        if kind is None:
+            return path
+        if kind != "marian":
+            raise ModelError(f"{path} holds a Hugging Face '{kind}' model; only Marian models "
+                             "(model_type marian) can be imported")
+        return hub.local(path)
     embedded = checkpoints_dir() / name
     if "/" not in name and (embedded / CONFIG).is_file():
         return embedded
+    if not path.exists() and hub.is_hub_id(name):
+        try:
+            return hub.resolve(name, revision)
+        except ModelNotFound as exc:  # it may have been meant as a path
+            raise ModelNotFound(f"no model directory '{name}' here, and {exc}") from None
     if name_or_path is None:
         raise ModelNotFound(f"the default model '{DEFAULT_MODEL}' is not installed in "
                             f"{checkpoints_dir()}; pass -m DIR with a checkpoint directory")
@@ -74,12 +101,17 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def check_tensors(model: Transformer, path: Path) -> list[str]:
     """Compare names and shapes in a safetensors file with the model built from the config."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path} is not a readable safetensors file ({exc})") from None
+    return match_shapes(model, found, path)
+
+
+def match_shapes(model: Transformer, found: dict[str, tuple], path: Path) -> list[str]:
+    """Tensor names and shapes `found` in `path` must be exactly those of `model`."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
@@ -96,16 +128,47 @@ def check_tensors(model: Transformer, path: Path) -> list[str]:
     return sorted(found)
 
 
+def tokenizer_files(path: Path) -> list[str]:
+    """tokenizer.json, or a source and a target file where the two sides differ."""
+    if not (path / TOKENIZER).is_file() and (path / SOURCE_TOKENIZER).is_file():
+        return [SOURCE_TOKENIZER, TARGET_TOKENIZER]
+    return [TOKENIZER]
+
+
+def read_generation(path: Path) -> dict:
+    """generation.json: DecodeOptions fields and values, checked; {} where there is none."""
+    from core.search import DecodeOptions
+
+    file = Path(path) / GENERATION
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{file} is not valid JSON ({exc})") from None
+    known = {f.name for f in dataclasses.fields(DecodeOptions)}
+    if not isinstance(data, dict) or not set(data) <= known:
+        raise ModelError(f"{file} must map decoding options ({', '.join(sorted(known))}) "
+                         "to values")
+    try:
+        DecodeOptions(**data)
+    except (UsageError, TypeError) as exc:
+        raise ModelError(f"{file}: {exc}") from None
+    return data
+
+
 def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
     path = resolve(name_or_path)
-    for file in (CONFIG, WEIGHTS, TOKENIZER):
+    files = tokenizer_files(path)
+    for file in (CONFIG, WEIGHTS, *files):
         if not (path / file).is_file():
             raise ModelError(f"{path} is not a complete model directory: {file} is missing")
     config = ModelConfig.load(path / CONFIG)
-    tokenizer = Tokenizer.load(path / TOKENIZER)
+    tokenizer = Tokenizer.load(*(path / f for f in files))
     if tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"{TOKENIZER} has {tokenizer.vocab_size} tokens but {CONFIG} "
+        raise ModelError(f"{files[-1]} has {tokenizer.vocab_size} tokens but {CONFIG} "
                          f"vocab_size is {config.vocab_size}")
+    generation = read_generation(path)
     target = pick_device(device)
     with torch.device("meta"):  # shapes only: nothing allocated until the file checks out
         skeleton = Transformer(config)
@@ -117,16 +180,21 @@ def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path / WEIGHTS} is truncated or corrupt ({exc})") from None
     model.load_state_dict(state)
-    return Checkpoint(model.to(target).eval(), tokenizer, config, path)
+    return Checkpoint(model.to(target).eval(), tokenizer, config, path, generation)
 
 
 def save(model: Transformer, tokenizer: Tokenizer, path: Path, *,
-         dtype: torch.dtype = torch.float32) -> Path:
+         dtype: torch.dtype = torch.float32, generation: dict | None = None) -> Path:
     """Write a checkpoint directory (created if needed); tied weights are stored once."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.cfg.save(path / CONFIG)
-    tokenizer.save(path / TOKENIZER)
+    if tokenizer.shared:
+        tokenizer.save(path / TOKENIZER)
+    else:
+        tokenizer.save(path / SOURCE_TOKENIZER, path / TARGET_TOKENIZER)
+    if generation:
+        (path / GENERATION).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
     return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from core.model import Transformer
 from core.tokenizer import Tokenizer, train_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead
+# nothing in the tests may reach the Hugging Face Hub; huggingface-hub reads this on import
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 TEXTS = [
     "A man is riding a bicycle.", "Ein Mann fährt Fahrrad.",
@@ -50,3 +54,12 @@ def model(tokenizer) -> Transformer:
 def model_dir(tmp_path_factory, model, tokenizer):
     """A complete checkpoint directory, as `translate -m DIR` expects."""
     return checkpoint.save(model, tokenizer, tmp_path_factory.mktemp("tiny") / "tiny-en-de")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def translate_cache(tmp_path_factory):
+    """Converted models go to a cache of the test session's own, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("translate-cache")
+        patch.setenv("TRANSLATE_CACHE", str(root))
+        yield root
