@@ -20,7 +20,7 @@ def flag(kind, *names: str, help: str):
 FLAGS = {
     "strategy": flag(str, "--strategy", "-s", help="greedy, beam or sample [default: greedy; "
                      "sampling flags imply sample, beam flags imply beam]."),
-    "beam_size": flag(int, "--beam-size", "-b", help="Hypotheses kept per sentence [default: 5]."),
+    "beam_size": flag(int, "--beam-size", "-b", help="Hypotheses kept per sentence [default: 5, or the model's]."),
     "length_penalty": flag(float, "--length-penalty", help="GNMT length penalty alpha; 0 ranks "
                            "by the plain sum of log-probs [default: 0.6]."),
     "n_best": flag(int, "--n-best", help="Print N alternatives per line with their scores "
@@ -31,7 +31,7 @@ FLAGS = {
     "seed": flag(int, "--seed", help="Make sampling reproducible."),
     "min_length": flag(int, "--min-length", help="Forbid EOS before this many tokens."),
     "max_length": flag(int, "--max-length", help="At most this many tokens per sentence "
-                       "[default: 256]."),
+                       "[default: 256, or the model's]."),
 }
 
 

@@ -159,6 +159,15 @@ def read_generation(path: Path) -> dict:
 
 def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
     path = resolve(name_or_path)
+    target = pick_device(device)
+    try:
+        return read(path, target)
+    except ModelError as exc:  # every problem inside a model directory has the same fix
+        raise ModelError(f"{exc} (re-save or re-download the model in {path})") from None
+
+
+def read(path: Path, device: torch.device) -> Checkpoint:
+    """Check a checkpoint directory file by file, then load it; nothing pickled is read."""
     files = tokenizer_files(path)
     for file in (CONFIG, WEIGHTS, *files):
         if not (path / file).is_file():
@@ -169,18 +178,15 @@ def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
         raise ModelError(f"{files[-1]} has {tokenizer.vocab_size} tokens but {CONFIG} "
                          f"vocab_size is {config.vocab_size}")
     generation = read_generation(path)
-    target = pick_device(device)
-    with torch.device("meta"):  # shapes only: nothing allocated until the file checks out
-        skeleton = Transformer(config)
-    names = check_tensors(skeleton, path / WEIGHTS)
-    model = Transformer(config)
+    model = Transformer(config)  # its size was bounded by the config's validation
+    names = check_tensors(model, path / WEIGHTS)
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             state = {n: f.get_tensor(n).float() for n in names}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path / WEIGHTS} is truncated or corrupt ({exc})") from None
     model.load_state_dict(state)
-    return Checkpoint(model.to(target).eval(), tokenizer, config, path, generation)
+    return Checkpoint(model.to(device).eval(), tokenizer, config, path, generation)
 
 
 def save(model: Transformer, tokenizer: Tokenizer, path: Path, *,
