@@ -68,11 +68,11 @@ def load_translator(model, revision, to, device, batch_size):
     from core import checkpoint
     from core.translator import Translator
 
-    path = checkpoint.resolve(model, revision=revision)
-    translator = Translator.load(str(path), device=device, batch_size=batch_size)
+    ckpt = checkpoint.load(model, device, revision=revision)
+    translator = Translator(ckpt.model, ckpt.tokenizer, batch_size=batch_size)
     if to is not None:
         translator.tokenizer = translator.tokenizer.with_target_language(to)
-    return translator, checkpoint.read_generation(path)
+    return translator, ckpt.generation
 
 
 def with_model_defaults(flags: dict, defaults: dict) -> dict:

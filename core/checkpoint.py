@@ -157,8 +157,9 @@ def read_generation(path: Path) -> dict:
     return data
 
 
-def load(name_or_path: str | None = None, device: str = "auto") -> Checkpoint:
-    path = resolve(name_or_path)
+def load(name_or_path: str | None = None, device: str = "auto", *,
+         revision: str | None = None) -> Checkpoint:
+    path = resolve(name_or_path, revision)
     target = pick_device(device)
     try:
         return read(path, target)

@@ -96,13 +96,15 @@ class Translator:
         results: dict[int, list[Candidate]] = {}
         pieces: list[list[int]] = []  # token ids of every piece to translate
         owner: list[int] = []  # the line each piece belongs to
+        parts: dict[int, list[int]] = {}  # line -> indices of its pieces
         for i, ids in self._pieces(lines):
             if len(ids) > 1 and on_split is not None:
                 on_split(first + i, len(ids))
+            parts[i] = list(range(len(pieces), len(pieces) + len(ids)))
             pieces.extend(ids)
             owner.extend([i] * len(ids))
         for i, line in enumerate(lines):
-            if i not in owner:
+            if i not in parts:
                 results[i] = [Candidate(line, 0.0)]  # blank: comes back as it was
         done: dict[int, list[list[Candidate]]] = {}
         order = sorted(range(len(pieces)), key=lambda j: len(pieces[j]))
@@ -112,9 +114,8 @@ class Translator:
             for b, hyps in self._decode_batch([pieces[j] for j in batch], options, strategy):
                 done[batch[b]] = [Candidate(self.text(h.tokens), h.score) for h in hyps]
             for i in {owner[j] for j in batch}:
-                parts = [j for j, o in enumerate(owner) if o == i]
-                if all(j in done for j in parts):
-                    results[i] = join([done.pop(j) for j in parts])
+                if all(j in done for j in parts[i]):
+                    results[i] = join([done.pop(j) for j in parts[i]])
             while emitted in results:
                 yield results.pop(emitted)
                 emitted += 1
