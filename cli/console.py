@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from functools import cache
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
+
+@cache
+def err() -> Console:
+    """The one stderr console, made on first use: importing rich is a fifth of the time
+    `translate --help` may take."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
 
 INTERRUPTED, BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
 
@@ -24,12 +34,12 @@ def fail(debug: bool):
     except TranslateError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {exc}")
+        err().print(f"[bold red]error:[/] {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise
-        err.print("interrupted")
+        err().print("interrupted")
         sys.exit(INTERRUPTED)
     except BrokenPipeError:
         try:  # stdout is gone: point it at /dev/null so the final flush cannot fail again

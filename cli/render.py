@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
@@ -39,17 +41,25 @@ def stream_to_terminal(console: Console, pieces) -> None:
 
 
 @contextmanager
-def progress_bar(console: Console, total: int | None, enabled: bool):
-    """A transient bar on stderr, advanced by the bytes of input translated so far; yields the
-    function that advances it. Nothing at all when not enabled (stderr is not a terminal)."""
+def progress_bar(console: Callable[[], Console], total: int | None, enabled: bool):
+    """A transient bar on the console `console()` gives (stderr), advanced by the bytes of input
+    translated so far; yields the function that advances it. Nothing at all, and no console
+    made, when not enabled (stderr is not a terminal)."""
     if not enabled:
         yield lambda n: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     columns = [SpinnerColumn(), TextColumn("translating"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console(), transient=True) as progress:
         task = progress.add_task("translating", total=total)
         yield lambda n: progress.advance(task, n)

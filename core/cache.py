@@ -10,29 +10,58 @@ from torch import Tensor
 
 @dataclass
 class KVCache:
-    """Per decoder layer: self-attention K/V (grow by one position a step) and cross-attention
-    K/V (projected once from the encoder output, never recomputed).
+    """Per decoder layer: self-attention K/V, written one position a step into preallocated
+    buffers (capacity doubles when full), and cross-attention K/V, projected once from the
+    encoder output and kept once per sentence.
 
-    Rows are hypotheses: one per sentence for greedy/sampling, beam_size per sentence for beam
-    search. `reorder()` is the only way rows change."""
+    Rows are hypotheses, `group` consecutive rows per sentence: 1 for greedy and sampling,
+    the beam size for beam search. A sentence's rows all read its one copy of the cross K/V, so
+    beams never copy it. `reorder()` is the only way rows change."""
 
-    self_k: list[Tensor]  # per layer (N, H, t, Dh)
-    self_v: list[Tensor]  # per layer (N, H, t, Dh)
-    cross_k: list[Tensor]  # per layer (N, H, S, Dh)
-    cross_v: list[Tensor]  # per layer (N, H, S, Dh)
-    memory_mask: Tensor  # (N, 1, 1, S) True where the source token is real
+    self_k: list[Tensor]  # per layer (N, H, capacity, Dh); positions from `length` on unused
+    self_v: list[Tensor]  # per layer (N, H, capacity, Dh)
+    cross_k: list[Tensor]  # per layer (n, H, S, Dh), n = N / group sentences
+    cross_v: list[Tensor]  # per layer (n, H, S, Dh)
+    memory_mask: Tensor  # (n, 1, 1, S) True where the source token is real
+    group: int = 1  # decoder rows per sentence
     length: int = 0  # target positions decoded so far
 
     def reorder(self, rows: Tensor) -> KVCache:
         """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache.
 
-        Drops finished sentences and follows beams to their origin in one index_select."""
-        pick = lambda ts: [t.index_select(0, rows) for t in ts]  # noqa: E731
-        return KVCache(pick(self.self_k), pick(self.self_v), pick(self.cross_k),
-                       pick(self.cross_v), self.memory_mask.index_select(0, rows), self.length)
+        Follows beams to their origin and drops finished sentences. Each run of `group` rows
+        must come from one sentence, and sentences keep their order (they can only leave), so
+        the cross K/V are only touched when a sentence leaves."""
+        N, n = self.self_k[0].size(0), self.memory_mask.size(0)
+        if rows.numel() == N and torch.equal(rows, torch.arange(N, device=rows.device)):
+            return self  # nothing moved: greedy steps where no sentence ended
+        pick = lambda ts, idx: [t.index_select(0, idx) for t in ts]  # noqa: E731
+        self_k, self_v = self.pick_rows(self.self_k, rows), self.pick_rows(self.self_v, rows)
+        if rows.numel() == n * self.group:
+            return KVCache(self_k, self_v, self.cross_k, self.cross_v, self.memory_mask,
+                           self.group, self.length)
+        sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
+        return KVCache(self_k, self_v, pick(self.cross_k, sentences),
+                       pick(self.cross_v, sentences), self.memory_mask.index_select(0, sentences),
+                       self.group, self.length)
+
+    def pick_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
+        """New buffers holding `rows` of the old ones; only the written positions are copied."""
+        t, picked = self.length, []
+        with torch.no_grad():  # out= copies cannot be differentiated; a cache never needs it
+            for buffer in buffers:
+                out = buffer.new_empty(rows.numel(), *buffer.shape[1:])  # (N', H, capacity, Dh)
+                torch.index_select(buffer[:, :, :t], 0, rows, out=out[:, :, :t])
+                picked.append(out)
+        return picked
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add this step's self-attention K/V (N, H, 1, Dh) to a layer; return the full K/V."""
-        self.self_k[layer] = torch.cat([self.self_k[layer], k], dim=2)  # (N, H, t+1, Dh)
-        self.self_v[layer] = torch.cat([self.self_v[layer], v], dim=2)
-        return self.self_k[layer], self.self_v[layer]
+        """Write this step's self-attention K/V (N, H, 1, Dh) into a layer at position
+        `length`; return the layer's K/V so far, (N, H, length + 1, Dh) views."""
+        t = self.length
+        if t == self.self_k[layer].size(2):  # full: double the capacity
+            for buffers in (self.self_k, self.self_v):
+                buffers[layer] = torch.cat([buffers[layer], torch.empty_like(buffers[layer])], 2)
+        self.self_k[layer][:, :, t: t + 1] = k
+        self.self_v[layer][:, :, t: t + 1] = v
+        return self.self_k[layer][:, :, : t + 1], self.self_v[layer][:, :, : t + 1]

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import checkpoints
+from core import precision
 from core.config import ModelConfig
 from core.errors import DeviceError, ModelError, ModelNotFound, UsageError
 from core.model import Transformer
@@ -158,13 +159,16 @@ def read_generation(path: Path) -> dict:
 
 
 def load(name_or_path: str | None = None, device: str = "auto", *,
-         revision: str | None = None) -> Checkpoint:
+         revision: str | None = None, dtype: str = "float32") -> Checkpoint:
+    """Resolve and read a model for inference in `dtype` (see core.precision)."""
     path = resolve(name_or_path, revision)
     target = pick_device(device)
     try:
-        return read(path, target)
+        ckpt = read(path, target)
     except ModelError as exc:  # every problem inside a model directory has the same fix
         raise ModelError(f"{exc} (re-save or re-download the model in {path})") from None
+    ckpt.model = precision.apply(ckpt.model, dtype, target)
+    return ckpt
 
 
 def read(path: Path, device: torch.device) -> Checkpoint:
@@ -179,15 +183,41 @@ def read(path: Path, device: torch.device) -> Checkpoint:
         raise ModelError(f"{files[-1]} has {tokenizer.vocab_size} tokens but {CONFIG} "
                          f"vocab_size is {config.vocab_size}")
     generation = read_generation(path)
-    model = Transformer(config)  # its size was bounded by the config's validation
+    with torch.device("meta"):  # shapes only: the weights are the stored ones, held once
+        model = Transformer(config)  # its size was bounded by the config's validation
     names = check_tensors(model, path / WEIGHTS)
-    try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
-            state = {n: f.get_tensor(n).float() for n in names}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path / WEIGHTS} is truncated or corrupt ({exc})") from None
-    model.load_state_dict(state)
+    model.load_state_dict(read_tensors(path / WEIGHTS, names), assign=True)
     return Checkpoint(model.to(device).eval(), tokenizer, config, path, generation)
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read float tensors of a safetensors file (already checked by check_tensors) into memory
+    of their own, as float32. Plain reads, not a memory map: mapped pages stay resident for as
+    long as any tensor refers to the file, so converting a model (e.g. to int8) would keep the
+    float32 weights in memory as well."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header, base = json.loads(f.read(size)), 8 + size
+            state = {}
+            for name in names:
+                info = header[name]
+                begin, end = info["data_offsets"]
+                data = bytearray(end - begin)
+                f.seek(base + begin)
+                if f.readinto(data) != len(data):
+                    raise ValueError(f"tensor {name} is cut short")
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has dtype {info['dtype']}, not a float")
+                flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                state[name] = flat.view(info["shape"]).float()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is truncated or corrupt ({exc})") from None
+    return state
 
 
 def save(model: Transformer, tokenizer: Tokenizer, path: Path, *,

@@ -37,10 +37,12 @@ class Embeddings(nn.Module):
 
 def sinusoid_table(n_positions: int, d: int, layout: str) -> Tensor:
     """sin/cos of position * 10000^(-2i/D): interleaved (paper) or sines then cosines (Marian)."""
-    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
-    inv_freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * (-math.log(10000.0) / d))
+    # on the CPU even while a model is built on the meta device: the table is never loaded
+    position = torch.arange(n_positions, dtype=torch.float64, device="cpu")[:, None]  # (P, 1)
+    inv_freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float64, device="cpu")
+                         * (-math.log(10000.0) / d))  # (D/2,)
     angles = position * inv_freq  # (P, D/2)
-    table = torch.empty(n_positions, d, dtype=torch.float64)
+    table = torch.empty(n_positions, d, dtype=torch.float64, device="cpu")
     if layout == "interleaved":
         table[:, 0::2], table[:, 1::2] = angles.sin(), angles.cos()
     else:
@@ -158,8 +160,16 @@ class DecoderLayer(nn.Module):
                 k, v = cache.append(layer, k, v)  # (N, H, t+1, Dh)
             return self.self_attn(h, k, v, self_mask)
 
+        def attend_source(h: Tensor) -> Tensor:
+            # the `group` rows of a sentence (its beams) become query positions of one row, so
+            # they all read the sentence's single copy of the cross-attention K/V
+            N, T, D = h.shape
+            group = cache.group if cache is not None else 1
+            out = self.cross_attn(h.reshape(N // group, group * T, D), *cross_kv, cross_mask)
+            return out.view(N, T, D)
+
         x = self.add_norm1(x, attend_self)
-        x = self.add_norm2(x, lambda h: self.cross_attn(h, *cross_kv, cross_mask))
+        x = self.add_norm2(x, attend_source)
         return self.add_norm3(x, self.ffn)  # (N, T, D)
 
 
@@ -179,7 +189,8 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps) if cfg.norm_first else None
         self.lm_head = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.final_logits_bias else None
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:  # built on the meta device, it awaits stored weights
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -201,17 +212,20 @@ class Transformer(nn.Module):
             x = layer(x, mask)
         return self.encoder_norm(x) if self.encoder_norm is not None else x  # (B, S, D)
 
-    def new_cache(self, memory: Tensor, src_mask: Tensor) -> KVCache:
-        """Project the encoder output into every layer's cross-attention K/V, once."""
+    def new_cache(self, memory: Tensor, src_mask: Tensor, group: int = 1) -> KVCache:
+        """Project the encoder output into every layer's cross-attention K/V, once; give each
+        sentence `group` decoder rows (its beams) with empty self-attention K/V."""
         cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]  # (B, H, S, Dh)
         B, H, Dh = memory.size(0), self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-        empty = [memory.new_zeros(B, H, 0, Dh) for _ in self.decoder]
-        return KVCache(self_k=empty, self_v=list(empty), cross_k=[k for k, _ in cross],
-                       cross_v=[v for _, v in cross], memory_mask=src_mask[:, None, None, :])
+        buffers = [memory.new_empty(B * group, H, 16, Dh) for _ in range(2 * len(self.decoder))]
+        return KVCache(self_k=buffers[0::2], self_v=buffers[1::2], cross_k=[k for k, _ in cross],
+                       cross_v=[v for _, v in cross], memory_mask=src_mask[:, None, None, :],
+                       group=group)
 
     def project(self, x: Tensor) -> Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = x @ weight.T  # (..., V)
+        # a module when untied (or quantized); else the embedding matrix, read transposed
+        head = self.lm_head
+        logits = head(x) if head is not None else x @ self.embed.weight.T  # (..., V)
         return logits + self.logits_bias if self.logits_bias is not None else logits
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:

@@ -79,6 +79,31 @@ def test_cache_reorder_follows_rows():
     torch.testing.assert_close(logits_swapped, logits[[1, 0, 0]])
 
 
+def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
+    """Rows grouped per sentence (beams) read one copy of the sentence's cross-attention K/V:
+    over more steps than the first cache buffer holds, with beams swapping and a sentence
+    leaving, the logits equal those of a cache where every row has its own copy."""
+    model = tiny_model(V)
+    src, mask = batch([5, 7, 6], seed=5)
+    memory = model.encode(src, mask)
+    shared = model.new_cache(memory, mask, group=2)
+    copies = model.new_cache(memory.repeat_interleave(2, 0), mask.repeat_interleave(2, 0))
+    g = torch.Generator().manual_seed(6)
+    for t in range(20):
+        rows = torch.arange(shared.self_k[0].size(0))
+        if t == 9:  # the middle sentence leaves
+            rows = torch.tensor([0, 1, 4, 5])
+        elif t % 3 == 1:  # beams swap and repeat within their sentence
+            rows = rows.view(-1, 2).flip(1).reshape(-1)
+            rows[0] = rows[1]
+        shared, copies = shared.reorder(rows), copies.reorder(rows)
+        tokens = torch.randint(4, V, (rows.numel(),), generator=g)
+        a, shared = model.decode_step(tokens, shared)
+        b, copies = model.decode_step(tokens, copies)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert shared.cross_k[0].size(0) == 2 and copies.cross_k[0].size(0) == 4
+
+
 def test_too_long_input_is_a_clear_error():
     model = tiny_model(V, max_positions=8)
     src, mask = batch([9])

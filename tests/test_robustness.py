@@ -213,10 +213,11 @@ def test_progress_bar_only_on_a_terminal():
     from cli.render import progress_bar
 
     screen = io.StringIO()
-    with progress_bar(Console(file=screen, force_terminal=True), 100, enabled=True) as advance:
+    terminal = lambda: Console(file=screen, force_terminal=True)  # noqa: E731
+    with progress_bar(terminal, 100, enabled=True) as advance:
         advance(50)
     assert "translating" in screen.getvalue()
     quiet = io.StringIO()
-    with progress_bar(Console(file=quiet), 100, enabled=False) as advance:
+    with progress_bar(lambda: Console(file=quiet), 100, enabled=False) as advance:
         advance(50)
     assert quiet.getvalue() == ""

@@ -20,7 +20,7 @@ from core.config import ModelConfig
 from core.errors import UsageError
 from core.generate import generate
 from core.search import (NEG_INF, BeamSearch, DecodeOptions, Hypothesis, Sampling, Step,
-                         forbid, length_penalty, temperature, top_k, top_p)
+                         largest, length_penalty, temperature, top_k, top_p)
 from core.translator import Translator
 
 # ---- a scripted fake model ------------------------------------------------------------------
@@ -62,8 +62,9 @@ class ScriptedModel:
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         return src[:, :1]  # the "memory" is which script each sentence follows
 
-    def new_cache(self, memory: torch.Tensor, src_mask: torch.Tensor) -> ScriptedCache:
-        return ScriptedCache([(int(s), ()) for s in memory[:, 0]])
+    def new_cache(self, memory: torch.Tensor, src_mask: torch.Tensor, group: int = 1
+                  ) -> ScriptedCache:
+        return ScriptedCache([(int(s), ()) for s in memory[:, 0] for _ in range(group)])
 
     def decode_step(self, tokens: torch.Tensor, cache: ScriptedCache):
         rows = cache.rows
@@ -417,13 +418,19 @@ def test_temperature_sharpens_or_flattens():
     assert temperature(logits, 0.5).argmax() == temperature(logits, 2.0).argmax() == 3
 
 
-def test_forbid_masks_ids_without_touching_its_input():
-    """forbid() gives the listed ids -inf in every row and leaves the caller's tensor alone."""
-    before = LOGITS.clone()
-    out = forbid(LOGITS, [0, 3])
-    assert kept(out) == [{1, 2, 4}, {1, 2, 4}]
-    assert torch.equal(LOGITS, before)
-    assert forbid(LOGITS, []) is LOGITS
+@pytest.mark.parametrize("rows, vocab, k", [(1, 58101, 1), (5, 58101, 8), (3, 9000, 5),
+                                             (2, 300, 8), (4, 50, 3)])
+def test_largest_equals_torch_topk(rows, vocab, k):
+    """largest() gives torch.topk's values and columns, wherever the winners are: spread out,
+    all in one block, or in the columns after the last whole block."""
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(rows, vocab, generator=g)
+    x[0, :k] += 10  # one block holds all the winners
+    x[-1, -k:] += 10  # the winners are in the leftover columns
+    x[:, 2] = NEG_INF
+    values, columns = largest(x, k)
+    want = x.topk(k, dim=-1)
+    assert torch.equal(values, want.values) and torch.equal(columns, want.indices)
 
 
 def test_length_penalty_is_gnmt():
@@ -458,7 +465,8 @@ class Uncached:
     def encode(self, src, src_mask):
         return self.model.encode(src, src_mask)
 
-    def new_cache(self, memory, src_mask) -> PrefixCache:
+    def new_cache(self, memory, src_mask, group: int = 1) -> PrefixCache:
+        memory, src_mask = memory.repeat_interleave(group, 0), src_mask.repeat_interleave(group, 0)
         empty = torch.zeros(memory.size(0), 0, dtype=torch.long, device=memory.device)
         return PrefixCache(memory, src_mask, empty)
 

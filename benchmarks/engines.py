@@ -1,0 +1,173 @@
+"""One benchmark run in its own process, so that peak RSS and load time belong to one engine:
+
+    python -m benchmarks.engines ENGINE MODE WORKLOAD [--repeats N]
+
+prints one JSON line: engine, mode, workload, load_s, tok_s (median output tokens/s over the
+timed passes), peak_rss_mb, tokens_ok. Each engine imports only what it needs: the ct2 engine
+never imports torch or transformers.
+
+A pass decodes every batch of the workload with exactly NEW_TOKENS output tokens per sentence
+(minimum = maximum length), so all engines do the same amount of work whatever the random
+weights prefer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from benchmarks.workloads import CT2, EOS, MARIAN, NEW_TOKENS, OURS, PAD, WORKLOADS
+
+if TYPE_CHECKING:
+    from benchmarks.workloads import Workload
+
+THREADS = 2
+MODES = {"transformers": ("float32", "bfloat16"), "ct2": ("float32", "int8_float32"),
+         "ours": ("float32", "bfloat16", "int8")}
+
+# a runner decodes one batch (a tuple of id tuples) and returns each sentence's output length
+Runner = Callable[[tuple[tuple[int, ...], ...]], list[int]]
+
+
+def torch_threads():
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(1)  # must come before any parallel work
+    return torch
+
+
+def padded(torch, batch):
+    """Right-padded (B, S) ids and the boolean mask of real tokens."""
+    width = max(len(s) for s in batch)
+    src = torch.tensor([list(s) + [PAD] * (width - len(s)) for s in batch], dtype=torch.long)
+    return src, src != PAD
+
+
+def load_transformers(mode: str, beam: int) -> Runner:
+    torch = torch_threads()
+    import transformers
+
+    start = time.perf_counter()
+    model = transformers.MarianMTModel.from_pretrained(MARIAN).eval()
+    if mode == "bfloat16":
+        model = model.to(torch.bfloat16)
+    load_s = time.perf_counter() - start  # the model only, not the library imports
+
+    def run(batch):
+        src, mask = padded(torch, batch)
+        with torch.inference_mode():
+            out = model.generate(input_ids=src, attention_mask=mask.long(), num_beams=beam,
+                                 do_sample=False, min_new_tokens=NEW_TOKENS,
+                                 max_new_tokens=NEW_TOKENS, num_return_sequences=1)
+        # (B, 1 + new): the decoder start token, then the new tokens; rows that ended early
+        # would be padded, so a row holding EOS counts as wrong
+        new = out[:, 1:]
+        return [new.size(1) if not (row == EOS).any() else -1 for row in new]
+
+    run.load_s = load_s
+    return run
+
+
+def load_ct2(mode: str, beam: int) -> Runner:
+    import ctranslate2
+
+    # ids -> the pieces CTranslate2 takes; its vocabulary is vocab.json's order (without the
+    # last entry, <pad>, which it drops because its decoder starts from a zero vector)
+    vocab = json.loads((MARIAN / "vocab.json").read_text(encoding="utf-8"))
+    pieces = [piece for piece, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    start = time.perf_counter()
+    translator = ctranslate2.Translator(str(CT2), device="cpu", compute_type=mode,
+                                        intra_threads=THREADS, inter_threads=1)
+    load_s = time.perf_counter() - start  # the model only, not the library imports
+
+    def run(batch):
+        # sources keep their </s>: the converted Marian model does not add it (add_source_eos
+        # is false), just as opus-mt's tokenizer output ends with it
+        source = [[pieces[i] for i in s] for s in batch]
+        # max_decoding_length counts decoding steps: an EOS would take one, but EOS is banned
+        # for the first min_decoding_length steps, so each hypothesis is exactly 30 pieces
+        results = translator.translate_batch(
+            source, beam_size=beam, max_decoding_length=NEW_TOKENS,
+            min_decoding_length=NEW_TOKENS, max_batch_size=32)
+        return [len(r.hypotheses[0]) if "</s>" not in r.hypotheses[0] else -1
+                for r in results]
+
+    run.load_s = load_s
+    return run
+
+
+def load_ours(mode: str, beam: int) -> Runner:
+    torch = torch_threads()
+    from core import checkpoint
+    from core.generate import generate
+    from core.search import DecodeOptions
+
+    start = time.perf_counter()
+    ckpt = checkpoint.load(str(OURS), "cpu", dtype=mode)
+    load_s = time.perf_counter() - start  # the model only, not the library imports
+    options = DecodeOptions(strategy="greedy" if beam == 1 else "beam", beam_size=beam,
+                            length_penalty=1.0, min_length=NEW_TOKENS, max_length=NEW_TOKENS)
+
+    def run(batch):
+        src, mask = padded(torch, batch)
+        hyps = {}
+        # EOS is banned for 30 steps and forced at the 31st; Hypothesis.tokens excludes it
+        for step in generate(ckpt.model, src, mask, options.make(eos_id=EOS),
+                             max_length=NEW_TOKENS, min_length=NEW_TOKENS):
+            hyps.update(step.finished)
+        return [len(hyps[i][0].tokens) if i in hyps else -1 for i in range(len(batch))]
+
+    run.load_s = load_s
+    return run
+
+
+LOADERS = {"transformers": load_transformers, "ct2": load_ct2, "ours": load_ours}
+
+
+def one_pass(run: Runner, workload: Workload) -> tuple[float, bool]:
+    """Wall time of decoding the whole workload, and whether every sentence got 30 tokens."""
+    ok = True
+    start = time.perf_counter()
+    for batch in workload.batches:
+        ok &= all(n == NEW_TOKENS for n in run(batch))
+    return time.perf_counter() - start, ok
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engines")
+    parser.add_argument("engine", choices=sorted(MODES))
+    parser.add_argument("mode")
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--repeats", type=int, help="timed passes [default: 5 for W1/W2, "
+                        "3 for W3/W4]")
+    args = parser.parse_args(argv)
+    if args.mode not in MODES[args.engine]:
+        parser.error(f"{args.engine} modes: {', '.join(MODES[args.engine])}")
+    workload = WORKLOADS[args.workload]
+    repeats = args.repeats or (5 if workload.sentences == 1 else 3)
+
+    run = LOADERS[args.engine](args.mode, workload.beam)
+
+    _, ok = one_pass(run, workload)  # warm-up: first-call allocations, lazy init
+    speeds = []
+    for _ in range(repeats):
+        seconds, good = one_pass(run, workload)
+        ok &= good
+        speeds.append(workload.output_tokens / seconds)
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({
+        "engine": args.engine, "mode": args.mode, "workload": args.workload,
+        "load_s": round(run.load_s, 3), "tok_s": round(statistics.median(speeds), 2),
+        "peak_rss_mb": round(peak_kib / 1024, 1), "tokens_ok": ok}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
