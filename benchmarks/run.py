@@ -269,8 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             "processes will skew the numbers")
     runs = []
     total = len(pairs) * len(WORKLOADS)
-    for engine, mode in pairs:
-        for workload in WORKLOADS:
+    # workload by workload: the engines compared in one row run minutes apart, not half an
+    # hour, so a slow spell of a shared machine skews a row less
+    for workload in WORKLOADS:
+        for engine, mode in pairs:
             log(f"[{len(runs) + 1}/{total}] {engine} {mode} {workload} ...")
             result = run_engine(engine, mode, workload, args.repeats)
             runs.append(result)
