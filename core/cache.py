@@ -30,20 +30,18 @@ class KVCache:
         """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache.
 
         Follows beams to their origin and drops finished sentences. Each run of `group` rows
-        must come from one sentence, and sentences keep their order (they can only leave), so
-        the cross K/V are only touched when a sentence leaves."""
+        must come from one sentence; the cross K/V are only touched when the sentences change."""
         N, n = self.self_k[0].size(0), self.memory_mask.size(0)
         if rows.numel() == N and torch.equal(rows, torch.arange(N, device=rows.device)):
             return self  # nothing moved: greedy steps where no sentence ended
-        pick = lambda ts, idx: [t.index_select(0, idx) for t in ts]  # noqa: E731
         self_k, self_v = self.pick_rows(self.self_k, rows), self.pick_rows(self.self_v, rows)
-        if rows.numel() == n * self.group:
+        sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
+        if sentences.numel() == n and torch.equal(sentences, torch.arange(n, device=rows.device)):
             return KVCache(self_k, self_v, self.cross_k, self.cross_v, self.memory_mask,
                            self.group, self.length)
-        sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
-        return KVCache(self_k, self_v, pick(self.cross_k, sentences),
-                       pick(self.cross_v, sentences), self.memory_mask.index_select(0, sentences),
-                       self.group, self.length)
+        pick = lambda ts: [t.index_select(0, sentences) for t in ts]  # noqa: E731
+        return KVCache(self_k, self_v, pick(self.cross_k), pick(self.cross_v),
+                       self.memory_mask.index_select(0, sentences), self.group, self.length)
 
     def pick_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
         """New buffers holding `rows` of the old ones; only the written positions are copied."""

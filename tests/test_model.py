@@ -75,8 +75,11 @@ def test_cache_reorder_follows_rows():
         _, cache = model.decode_step(tokens, cache)
     swapped = cache.reorder(torch.tensor([1, 0, 0]))
     logits_swapped, _ = model.decode_step(torch.tensor([8, 7, 7]), swapped)
+    permuted = cache.reorder(torch.tensor([1, 0]))  # as many rows, other sentences
+    logits_permuted, _ = model.decode_step(torch.tensor([8, 7]), permuted)
     logits, _ = model.decode_step(tokens, cache)
     torch.testing.assert_close(logits_swapped, logits[[1, 0, 0]])
+    torch.testing.assert_close(logits_permuted, logits[[1, 0]])
 
 
 def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
