@@ -63,6 +63,8 @@ def apply(model: nn.Module, dtype: str, device: torch.device) -> nn.Module:
         if device.type != "cpu":
             raise UsageError("--dtype int8 runs on the CPU; use --dtype bfloat16 on a GPU")
         quantize_int8(model)
-        if model.lm_head is None:  # tied: the output layer gets its own int8 copy
-            model.lm_head = Int8Linear(model.embed.weight)
+        if model.lm_head is None:  # tied: the output layer gets its own int8 copy,
+            # which adds the logits bias inside its kernel (a pass over (N, V) saved per step)
+            model.lm_head = Int8Linear(model.embed.weight, model.logits_bias)
+            model.logits_bias = None
     return model

@@ -5,6 +5,8 @@ import torch
 
 from conftest import tiny_model
 
+from core.model import Dropout
+
 VARIANTS = [
     {},  # the paper: post-norm, sinusoidal interleaved, relu, tied output
     {"norm_first": True, "positional": "learned", "activation": "gelu", "tie_output": False},
@@ -112,3 +114,17 @@ def test_too_long_input_is_a_clear_error():
     src, mask = batch([9])
     with pytest.raises(ValueError, match="longer than the model's maximum"):
         model.encode(src, mask)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_zeroes_a_fraction_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.ones(200, 1000, requires_grad=True)
+    y = drop(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - p) < 0.01
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept values are scaled up by 1 / (1 - p)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # no gradient through dropped units
+    assert torch.equal(drop.eval()(x), x)

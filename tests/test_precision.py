@@ -1,13 +1,15 @@
 """Inference in bfloat16 and int8: what --dtype changes, and that the translation survives it."""
 
+import copy
+
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, tiny_model
 from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from core import checkpoint
+from core import checkpoint, precision
 from core.errors import UsageError
 from core.precision import Int8Linear
 from core.translator import Translator
@@ -36,6 +38,18 @@ def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     per_layer = {"encoder": 6, "decoder": 10}  # q k v out fc1 fc2, and cross-attention's 4
     want = 2 * per_layer["encoder"] + 2 * per_layer["decoder"] + 1
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == want
+
+
+def test_int8_output_layer_keeps_the_logits_bias():
+    """Marian models add a bias to the tied output layer; the int8 head adds it in its kernel."""
+    full = tiny_model(40, final_logits_bias=True)
+    with torch.no_grad():
+        full.logits_bias.copy_(torch.linspace(-5, 5, 40))
+    reduced = precision.apply(copy.deepcopy(full), "int8", torch.device("cpu"))
+    x = torch.randn(3, 2, full.cfg.d_model)
+    with torch.inference_mode():
+        want, got = full.project(x), reduced.project(x)
+    assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
