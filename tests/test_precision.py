@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from core import checkpoint, precision
 from core.errors import UsageError
-from core.precision import Int8Linear
+from core.precision import Int8Embeddings, Int8Linear, quantize_rows
 from core.translator import Translator
 
 ENGLISH = TEXTS[0::2]
@@ -26,7 +26,7 @@ def test_int8_linear_is_close_to_float32(shape):
     x = torch.randn(shape)
     for bias in (linear.bias, None):
         want = nn.functional.linear(x, linear.weight, bias)
-        got = Int8Linear(linear.weight, bias)(x)
+        got = Int8Linear.from_float(linear.weight, bias)(x)
         assert got.shape == want.shape
         assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
@@ -35,9 +35,19 @@ def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     model = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.embed, Int8Embeddings)  # no float32 table left
     per_layer = {"encoder": 6, "decoder": 10}  # q k v out fc1 fc2, and cross-attention's 4
     want = 2 * per_layer["encoder"] + 2 * per_layer["decoder"] + 1
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == want
+
+
+def test_int8_embeddings_are_close_to_float32():
+    full = tiny_model(40)
+    tokens = torch.tensor([[5, 9, 39], [0, 1, 2]])
+    want = full.embed(tokens)
+    got = Int8Embeddings(*quantize_rows(full.embed.weight), full.embed.scale)(tokens)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < 0.01 * want.abs().max()
 
 
 def test_int8_output_layer_keeps_the_logits_bias():
