@@ -8,6 +8,11 @@ import torch
 from torch import Tensor
 
 
+def is_identity(index: Tensor, n: int) -> bool:
+    """Whether `index` selects all n rows in order, so selecting would copy for nothing."""
+    return index.numel() == n and torch.equal(index, torch.arange(n, device=index.device))
+
+
 @dataclass
 class KVCache:
     """Per decoder layer: self-attention K/V, written one position a step into preallocated
@@ -32,11 +37,11 @@ class KVCache:
         Follows beams to their origin and drops finished sentences. Each run of `group` rows
         must come from one sentence; the cross K/V are only touched when the sentences change."""
         N, n = self.self_k[0].size(0), self.memory_mask.size(0)
-        if rows.numel() == N and torch.equal(rows, torch.arange(N, device=rows.device)):
+        if is_identity(rows, N):
             return self  # nothing moved: greedy steps where no sentence ended
         self_k, self_v = self.pick_rows(self.self_k, rows), self.pick_rows(self.self_v, rows)
         sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
-        if sentences.numel() == n and torch.equal(sentences, torch.arange(n, device=rows.device)):
+        if is_identity(sentences, n):
             return KVCache(self_k, self_v, self.cross_k, self.cross_v, self.memory_mask,
                            self.group, self.length)
         pick = lambda ts: [t.index_select(0, sentences) for t in ts]  # noqa: E731

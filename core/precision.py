@@ -84,11 +84,10 @@ def apply(model: nn.Module, dtype: str, device: torch.device) -> nn.Module:
     if dtype == "int8":
         if device.type != "cpu":
             raise UsageError("--dtype int8 runs on the CPU; use --dtype bfloat16 on a GPU")
-        tied = model.lm_head is None
         q, scale = quantize_rows(model.embed.weight)
         model.embed = Int8Embeddings(q, scale, model.embed.scale)  # the float32 table is freed
-        if tied:  # the output layer is the same int8 matrix, and adds the logits bias inside
-            # its kernel (a pass over (N, V) saved per step)
+        if model.lm_head is None:  # tied: the output layer is the same int8 matrix, and adds
+            # the logits bias inside its kernel (a pass over (N, V) saved per step)
             model.lm_head = Int8Linear(q, scale, model.logits_bias)
             model.logits_bias = None
         quantize_int8(model)
