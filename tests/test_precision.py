@@ -31,6 +31,22 @@ def test_int8_linear_is_close_to_float32(shape):
         assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
 
+def test_float32_on_cpu_reads_matrices_column_major(model_dir, model):
+    """The layout MKL multiplies fastest, chosen at load time: same values, same logits, and
+    a stored file that stays row-major."""
+    loaded = checkpoint.load(str(model_dir), "cpu").model
+    for name in ("embed.weight", "decoder.0.cross_attn.q_proj.weight", "encoder.1.ffn.fc2.weight"):
+        weight = loaded.get_parameter(name)
+        assert weight.t().is_contiguous() and not weight.is_contiguous(), name
+        assert torch.equal(weight, model.get_parameter(name)), name
+    src = torch.randint(4, model.cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(src, mask, src), model(src, mask, src))
+    saved = checkpoint.read_tensors(model_dir / checkpoint.WEIGHTS, ["embed.weight"])
+    assert saved["embed.weight"].is_contiguous()
+
+
 def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     model = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
