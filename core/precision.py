@@ -87,9 +87,10 @@ def check(dtype: str, device: torch.device) -> None:
 def column_major(model: nn.Module, dtype: str, device: torch.device) -> set[str]:
     """The weights to store column-major (W^T row-major) when reading a model: every linear
     layer's matrix and the embedding table, for float32 on the CPU. F.linear then hands MKL's
-    GEMM an untransposed right-hand matrix, which it multiplies faster at the 4 to 128 rows of
-    a decoding step (2048 x 512 layer, 32 rows: 0.32 against 0.48 ms; whole decoding 5-18%
-    faster). Token lookups read strided rows, a negligible cost. The stored file is unchanged."""
+    GEMM an untransposed right-hand matrix, which it multiplies faster at the few rows of a
+    decoding step (32 rows through a 2048 x 512 layer: 0.32 against 0.48 ms on 2 threads), so
+    the benchmark's W1-W3 decode 5-34% faster and W4 as fast (benchmarks/README.md). Token
+    lookups read strided rows, a negligible cost. The stored file is unchanged."""
     if dtype != "float32" or device.type != "cpu":
         return set()
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
