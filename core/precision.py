@@ -1,9 +1,9 @@
 """Inference precisions: float32, bfloat16, and int8 linear layers for CPU.
 
 float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major (see
-`column_major`). int8 keeps each weight matrix (and the embedding table) as int8 with one scale per row and
-quantizes the activations on the fly (dynamic quantization): a quarter of the weight bytes to
-read every decoding step, and int8 dot products where the CPU has them."""
+`column_major`). int8 keeps each weight matrix (and the embedding table) as int8 with one scale
+per row and quantizes the activations on the fly (dynamic quantization): a quarter of the weight
+bytes to read every decoding step, and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
