@@ -3,8 +3,8 @@
     python -m benchmarks.ceiling [--repeats N]
 
 For each workload, times only the float32 matrix products that decoding the benchmark model
-must do, with torch's GEMM (MKL) on 2 threads and random weights of the model's shapes, one
-matrix per layer as in the real model:
+must do, with torch's GEMM (MKL) on 2 threads and random weights of the model's shapes (read
+from its config; the model is built first if needed), one matrix per layer as in the real model:
 - the encoder's six products per layer, over the real source tokens only (no padding);
 - every decoder layer's cross-attention keys and values, once per batch;
 - per step, for every live row (sentences x beams), each decoder layer's eight products and the
@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 from benchmarks.engines import THREADS, torch_threads
 from benchmarks.run import log, run_engine
-from benchmarks.workloads import NEW_TOKENS, WORKLOADS
+from benchmarks.workloads import NEW_TOKENS, OURS, WORKLOADS
 
-D, FF, VOCAB, LAYERS = 512, 2048, 58101, 6  # opus-mt-en-de's shape, as benchmarks/model.py
 STEPS = NEW_TOKENS + 1  # the last step produces end-of-sentence
 
 
-def weights(torch, column_major: bool) -> dict:
+def weights(torch, cfg, column_major: bool) -> dict:
     """(out, in) matrices per role and layer, in the layout asked for."""
+    D, FF = cfg.d_model, cfg.d_ff
+
     def matrix(rows, cols):
         w = torch.randn(rows, cols)
         return w.t().contiguous().t() if column_major else w
@@ -39,18 +39,19 @@ def weights(torch, column_major: bool) -> dict:
     return {
         # self-attention q k v out, fc1, fc2
         "encoder": [[*(matrix(D, D) for _ in range(4)), matrix(FF, D), matrix(D, FF)]
-                    for _ in range(LAYERS)],
-        "cross_kv": [[matrix(D, D), matrix(D, D)] for _ in range(LAYERS)],
+                    for _ in range(cfg.n_encoder_layers)],
+        "cross_kv": [[matrix(D, D), matrix(D, D)] for _ in range(cfg.n_decoder_layers)],
         # self-attention q k v out, cross-attention q out, fc1, fc2
         "decoder": [[*(matrix(D, D) for _ in range(6)), matrix(FF, D), matrix(D, FF)]
-                    for _ in range(LAYERS)],
-        "head": matrix(VOCAB, D),
+                    for _ in range(cfg.n_decoder_layers)],
+        "head": matrix(cfg.vocab_size, D),
     }
 
 
-def products(torch, w: dict, workload) -> float:
+def products(torch, cfg, w: dict, workload) -> float:
     """Seconds for one pass of the workload's matrix products."""
     F = torch.nn.functional
+    D, FF = cfg.d_model, cfg.d_ff
     inputs = []  # made before the clock starts: (n, D) and (n, FF) for n tokens, then rows
     for batch in workload.batches:
         tokens, rows = sum(len(s) for s in batch), len(batch) * workload.beam
@@ -71,12 +72,12 @@ def products(torch, w: dict, workload) -> float:
     return time.perf_counter() - start
 
 
-def ceiling(torch, workload, repeats: int, layouts: dict) -> float:
+def ceiling(torch, cfg, workload, repeats: int, layouts: dict) -> float:
     """Output tokens/s of the faster layout's median pass, after a warm-up pass each."""
     best = 0.0
     for w in layouts.values():
-        products(torch, w, workload)
-        seconds = statistics.median(products(torch, w, workload) for _ in range(repeats))
+        products(torch, cfg, w, workload)
+        seconds = statistics.median(products(torch, cfg, w, workload) for _ in range(repeats))
         best = max(best, workload.output_tokens / seconds)
     return best
 
@@ -85,9 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes [5]")
     args = parser.parse_args(argv)
-    torch = torch_threads()
+    from benchmarks import model
+    from core.config import ModelConfig
+
+    torch = torch_threads()  # before the build, which may run torch
+    model.build()
+    cfg = ModelConfig.load(OURS / "config.json")
     torch.manual_seed(0)
-    layouts = {"row-major": weights(torch, False), "column-major": weights(torch, True)}
+    layouts = {"row-major": weights(torch, cfg, False), "column-major": weights(torch, cfg, True)}
 
     print(f"Float32 matrix products only, {THREADS} threads, output tokens/s:\n")
     print("| workload | products only | transformers fp32 | ours fp32 | products only / "
@@ -97,10 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{name}: transformers, ours, products only")
         tf, ours = (run_engine(engine, "float32", name, None).get("tok_s", float("nan"))
                     for engine in ("transformers", "ours"))
-        top = ceiling(torch, workload, args.repeats, layouts)
+        top = ceiling(torch, cfg, workload, args.repeats, layouts)
         print(f"| {name} | {top:.1f} | {tf:.1f} | {ours:.1f} | {top / tf:.2f}x | "
               f"{ours / tf:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
