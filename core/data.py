@@ -25,23 +25,33 @@ def read_lines(path: Path) -> list[str]:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+# ISO 639-3 suffixes some test sets use (newstest2017.deu), tried after the two-letter code
+ISO3 = {"en": "eng", "de": "deu", "fr": "fra", "es": "spa", "it": "ita", "cs": "ces",
+        "nl": "nld", "pt": "por", "ru": "rus", "pl": "pol"}
+
+
 def find_side(prefix: str, lang: str) -> Path:
-    for candidate in (Path(f"{prefix}.{lang}"), Path(f"{prefix}.{lang}.gz")):
-        if candidate.is_file():
-            return candidate
+    for code in (lang, ISO3.get(lang, lang)):
+        for candidate in (Path(f"{prefix}.{code}"), Path(f"{prefix}.{code}.gz")):
+            if candidate.is_file():
+                return candidate
     raise DataError(f"no file {prefix}.{lang} or {prefix}.{lang}.gz")
 
 
-def read_corpus(spec: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+def read_corpus(spec: str, src_lang: str, tgt_lang: str,
+                tsv_languages: tuple[str, str] | None = None) -> list[tuple[str, str]]:
     """A TSV file of source<TAB>target lines (.tsv or .tsv.gz, extra columns ignored), or a
-    prefix P with line-aligned P.<src> and P.<tgt> files (plain or .gz)."""
+    prefix P with line-aligned P.<src> and P.<tgt> files (plain or .gz). `tsv_languages`
+    names the languages of a TSV's two columns; the pairs come back source first."""
     if spec.endswith((".tsv", ".tsv.gz")):
+        swap = tsv_languages is not None and tuple(tsv_languages) == (tgt_lang, src_lang)
         pairs = []
         for n, line in enumerate(read_lines(Path(spec)), 1):
             cols = line.split("\t")
             if len(cols) < 2:
                 raise DataError(f"{spec}:{n}: expected source<TAB>target")
-            pairs.append((cols[0].strip(), cols[1].strip()))
+            pair = (cols[0].strip(), cols[1].strip())
+            pairs.append(pair[::-1] if swap else pair)
         return pairs
     src = read_lines(find_side(spec, src_lang))
     tgt = read_lines(find_side(spec, tgt_lang))

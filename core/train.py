@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 import shutil
 import time
 import tomllib
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from core import checkpoint, data
+from core import augment, checkpoint, clean, data
 from core.config import ModelConfig
 from core.errors import DataError, UsageError
 from core.model import Transformer
@@ -30,8 +31,15 @@ from core.tokenizer import Tokenizer, train_tokenizer
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    train: list[str] = field(default_factory=list)  # corpora: TSV files or P with P.<src>, P.<tgt>
-    valid: str = ""  # a corpus for validation loss and BLEU
+    # corpora: TSV files or P with P.<src>, P.<tgt>; or tables {path, repeat, sample}
+    train: list[str | dict] = field(default_factory=list)
+    valid: str | list[str] = ""  # corpora for validation loss and BLEU (mean over them)
+    valid_max: int = 0  # pairs read from each validation corpus (0: all)
+    tsv_languages: list[str] = field(default_factory=list)  # languages of a TSV's 2 columns
+    exclude: list[str] = field(default_factory=list)  # evaluation sets kept out of training
+    clean: bool = False  # drop empty, duplicate, misaligned, wrong-language pairs (core.clean)
+    augment: float = 0.0  # copy-through pairs added, as a fraction of the cleaned pairs
+    init: str = ""  # checkpoint directory to start from: its shape, tokenizer and weights
     out: str = "run"  # run directory
     src_lang: str = "en"
     tgt_lang: str = "de"
@@ -72,6 +80,57 @@ class TrainConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        """Every setting checked for type and range before any work (files: check_files)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(kind)
+            if kind.startswith("list") or kind.startswith("str | list"):
+                ok = isinstance(value, (list, str)) if kind.startswith("str |") else \
+                    isinstance(value, list)
+            else:
+                ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+            if not ok:
+                raise UsageError(f"training setting {f.name} = {value!r}: expected {kind}")
+
+        def need(ok: bool, why: str) -> None:
+            if not ok:
+                raise UsageError(f"training setting {why}")
+
+        for name in ("epochs", "warmup", "max_tokens", "max_len", "average_last", "vocab_size",
+                     "d_model", "n_heads", "d_ff", "layers"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("holdout", "max_minutes", "eval_every", "threads", "clip", "valid_max"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout", "label_smoothing"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.augment <= 1, f"augment must be in [0, 1], got {self.augment}")
+        need(self.d_model % self.n_heads == 0,
+             f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        for entry in self.train:
+            if isinstance(entry, dict):
+                need("path" in entry and set(entry) <= {"path", "repeat", "sample"},
+                     f"train entry {entry}: use {{ path = ..., repeat = N, sample = N }}")
+            else:
+                need(isinstance(entry, str), f"train entry {entry!r}: a path or a table")
+
+    def check_files(self) -> None:
+        """Every corpus and the starting checkpoint exist (before any data is read)."""
+        specs = [e["path"] if isinstance(e, dict) else e for e in self.train]
+        specs += ([self.valid] if isinstance(self.valid, str) else self.valid) + self.exclude
+        for spec in filter(None, specs):
+            if spec.endswith((".tsv", ".tsv.gz")):
+                if not Path(spec).is_file():
+                    raise DataError(f"no corpus file {spec}")
+            else:
+                data.find_side(spec, self.src_lang)
+                data.find_side(spec, self.tgt_lang)
+        if self.init:
+            for name in (checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.TOKENIZER):
+                if not (Path(self.init) / name).is_file():
+                    raise DataError(f"init = {self.init}: no {name} there")
+
 
 def lr_factor(step: int, warmup: int) -> float:
     """The paper's schedule normalised to peak 1: linear warm-up, then 1/sqrt(step)."""
@@ -107,7 +166,7 @@ class Trainer:
         self.log_file.write(f"{stamp} {message}\n")
         self.log_file.flush()
         if self.progress is not None:
-            self.progress.console.print(message, highlight=False)
+            self.progress.console.print(message, highlight=False, markup=False)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -115,29 +174,65 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------
 
+    def read(self, spec: str) -> list[tuple[str, str]]:
+        cfg = self.cfg
+        return data.read_corpus(spec, cfg.src_lang, cfg.tgt_lang, cfg.tsv_languages or None)
+
     def load_data(self) -> None:
         cfg = self.cfg
         if not cfg.train:
             raise UsageError("no training corpus given (--train)")
-        corpora = [data.read_corpus(spec, cfg.src_lang, cfg.tgt_lang) for spec in cfg.train]
+        entries = [e if isinstance(e, dict) else {"path": e} for e in cfg.train]
+        corpora = []
+        for e in entries:
+            corpus = self.read(e["path"])
+            if e.get("sample", 0) and e["sample"] < len(corpus):
+                corpus = random.Random(cfg.seed).sample(corpus, e["sample"])
+            corpora.append(corpus)
         if cfg.holdout:
             corpora[-1], held = data.hold_out(corpora[-1], cfg.holdout, cfg.seed)
             if self.rank == 0:
                 data.write_pairs(held, self.out / "heldout", cfg.src_lang, cfg.tgt_lang)
-        pairs = [p for corpus in corpora for p in corpus if p[0] and p[1]]
-        self.valid = data.read_corpus(cfg.valid, cfg.src_lang, cfg.tgt_lang) if cfg.valid else []
+        if cfg.clean:
+            corpora = self.clean(entries, corpora)
+        pairs = [p for e, corpus in zip(entries, corpora) for p in corpus * e.get("repeat", 1)
+                 if p[0] and p[1]]
+        if cfg.augment:
+            extra = augment.augment([p for c in corpora for p in c],
+                                    int(cfg.augment * sum(map(len, corpora))), cfg.seed)
+            self.log(f"{len(extra):,} copy-through pairs added (core.augment)")
+            pairs += extra
+        valid_specs = [cfg.valid] if isinstance(cfg.valid, str) else cfg.valid
+        self.valid = {spec: self.read(spec)[: cfg.valid_max or None]
+                      for spec in valid_specs if spec}
         tok_path = self.out / checkpoint.TOKENIZER
         if self.rank == 0 and not tok_path.exists():
-            train_tokenizer(data.iter_texts(pairs), cfg.vocab_size).save(tok_path)
+            if cfg.init:
+                shutil.copy(Path(cfg.init) / checkpoint.TOKENIZER, tok_path)
+            else:
+                train_tokenizer(data.iter_texts(pairs), cfg.vocab_size).save(tok_path)
         self.barrier()
         self.tokenizer = Tokenizer.load(tok_path)
         self.examples = self.encode(pairs)
         if not self.examples:
             raise DataError("no training pairs left after length filtering")
-        self.valid_examples = self.encode(self.valid)
+        self.valid_examples = self.encode([p for v in self.valid.values() for p in v])
         self.log(f"{len(pairs):,} training pairs, {len(self.examples):,} within {cfg.max_len} "
-                 f"tokens; {len(self.valid):,} validation pairs; vocabulary "
+                 f"tokens; {sum(map(len, self.valid.values())):,} validation pairs; vocabulary "
                  f"{self.tokenizer.vocab_size:,}")
+
+    def clean(self, entries: list[dict], corpora: list[list[tuple[str, str]]]):
+        """core.clean on each corpus in turn, duplicates dropped across corpora too."""
+        cfg = self.cfg
+        exclude = clean.exclusion_keys(self.read(spec) for spec in cfg.exclude)
+        check, seen, result = clean.LanguageCheck(), set(), []
+        for e, corpus in zip(entries, corpora):
+            kept, dropped = clean.clean(corpus, cfg.src_lang, cfg.tgt_lang, exclude=exclude,
+                                        language=check, seen=seen)
+            result.append(kept)
+            why = ", ".join(f"{n:,} {reason}" for reason, n in dropped.most_common()) or "none"
+            self.log(f"{e['path']}: {len(kept):,} of {len(corpus):,} pairs kept; dropped: {why}")
+        return result
 
     def encode(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         src = self.tokenizer.encode_batch([s for s, _ in pairs])  # ids + EOS
@@ -168,15 +263,23 @@ class Trainer:
 
     def build(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
-        self.model_config = ModelConfig(
-            vocab_size=tok.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-            n_encoder_layers=cfg.layers, n_decoder_layers=cfg.layers, dropout=cfg.dropout,
-            attention_dropout=cfg.attention_dropout, activation=cfg.activation,
-            norm_first=cfg.norm_first, max_positions=max(512, cfg.max_len + 1),
-            pad_id=tok.pad_id, unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-            decoder_start_id=tok.bos_id, source_lang=cfg.src_lang, target_lang=cfg.tgt_lang)
+        if cfg.init:  # the starting model's shape; this run's languages and dropout
+            self.model_config = dataclasses.replace(
+                ModelConfig.load(Path(cfg.init) / checkpoint.CONFIG), dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout, source_lang=cfg.src_lang,
+                target_lang=cfg.tgt_lang)
+        else:
+            self.model_config = ModelConfig(
+                vocab_size=tok.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+                n_encoder_layers=cfg.layers, n_decoder_layers=cfg.layers, dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout, activation=cfg.activation,
+                norm_first=cfg.norm_first, max_positions=max(512, cfg.max_len + 1),
+                pad_id=tok.pad_id, unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                decoder_start_id=tok.bos_id, source_lang=cfg.src_lang, target_lang=cfg.tgt_lang)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Transformer(self.model_config).to(self.device)
+        if cfg.init:  # resume() still wins: state.pt holds the weights reached since
+            self.model.load_state_dict(load_file(str(Path(cfg.init) / checkpoint.WEIGHTS)))
         # buffers (the sinusoid table) are constants: nothing to broadcast
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False)
                     if self.world > 1 else self.model)
@@ -228,7 +331,11 @@ class Trainer:
 
     def run(self) -> Path:
         cfg = self.cfg
+        cfg.check_files()
         self.load_data()
+        if not self.valid_examples:
+            self.log("warning: no validation set (--valid): validation is skipped, and the "
+                     "final model is the average of the last snapshots")
         self.build()
         self.resume()
         start = time.time() - self.elapsed
@@ -280,7 +387,7 @@ class Trainer:
     def checkpoint(self, what: str) -> None:
         """Validate, save last/best and a snapshot, and the resumable state (rank 0)."""
         if self.rank == 0:
-            val_loss, bleu = self.validate(self.model)
+            val_loss, bleu, per_set = self.validate(self.model)
             checkpoint.save(self.model, self.tokenizer, self.out / "last")
             snap = f"snapshots/step{self.step}.safetensors"
             (self.out / "snapshots").mkdir(exist_ok=True)
@@ -294,14 +401,17 @@ class Trainer:
                 self.best_bleu = bleu
                 shutil.copytree(self.out / "last", self.out / "best", dirs_exist_ok=True)
             self.save_state()
+            scores = (f", valid loss {val_loss:.3f}, valid BLEU {bleu:.2f} "
+                      f"(best {self.best_bleu:.2f}){per_set}") if self.valid_examples else ""
             self.log(f"{what}: step {self.step}, {self.elapsed / 60:.1f} min, "
-                     f"lr {self.scheduler.get_last_lr()[0]:.2e}, valid loss {val_loss:.3f}, "
-                     f"valid BLEU {bleu:.2f} (best {self.best_bleu:.2f})")
+                     f"lr {self.scheduler.get_last_lr()[0]:.2e}{scores}")
         self.barrier()
 
-    def validate(self, model: Transformer) -> tuple[float, float]:
+    def validate(self, model: Transformer) -> tuple[float, float, str]:
+        """Loss over every validation pair; greedy BLEU, the mean over the validation sets;
+        and each set's BLEU as text for the log when there are several."""
         if not self.valid_examples:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), ""
         import sacrebleu
 
         from core.translator import Translator
@@ -313,10 +423,14 @@ class Trainer:
                 batch = self.collate(self.valid_examples[start: start + 64])
                 loss, n = self.loss(model, *batch, 0.0)  # never the DDP wrapper: rank 0 alone
                 total, count = total + loss.item() * int(n), count + int(n)
-        hyps = Translator(model, self.tokenizer, batch_size=64).translate(
-            [s for s, _ in self.valid], strategy="greedy", max_length=100)
-        bleu = sacrebleu.corpus_bleu(hyps, [[t for _, t in self.valid]]).score
-        return total / count, bleu
+        translator = Translator(model, self.tokenizer, batch_size=64)
+        scores = {}
+        for name, pairs in self.valid.items():
+            hyps = translator.translate([s for s, _ in pairs], strategy="greedy", max_length=160)
+            scores[name] = sacrebleu.corpus_bleu(hyps, [[t for _, t in pairs]]).score
+        per_set = "".join(f"; {Path(n).name} {b:.2f}" for n, b in scores.items()) \
+            if len(scores) > 1 else ""
+        return total / count, sum(scores.values()) / len(scores), per_set
 
     def finish(self) -> None:
         """Average the last snapshots; ship whichever of best and averaged validates better."""
@@ -327,11 +441,13 @@ class Trainer:
             avg = {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
             model = Transformer(self.model_config)
             model.load_state_dict(avg)
-            _, bleu = self.validate(model)
-            self.log(f"average of the last {len(states)} snapshots: valid BLEU {bleu:.2f}")
+            _, bleu, per_set = self.validate(model)
+            self.log(f"average of the last {len(states)} snapshots: valid BLEU {bleu:.2f}{per_set}")
             checkpoint.save(model, self.tokenizer, self.out / "averaged")
             if bleu > self.best_bleu or not candidates:
                 candidates = [("averaged", self.out / "averaged")]
+        if not candidates and (self.out / "last").exists():  # one snapshot, no validation
+            candidates = [("last", self.out / "last")]
         if candidates:
             name, path = candidates[0]
             shutil.copytree(path, final, dirs_exist_ok=True)

@@ -116,3 +116,26 @@ def test_eval_misaligned_files_is_a_clear_error(model_dir, tmp_path):
     result = CliRunner().invoke(app, ["eval", "-m", str(model_dir), "--src", str(tmp_path / "a"),
                                       "--ref", str(tmp_path / "b")])
     assert result.exit_code == 6 and "2 lines" in result.stderr
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('epochs = "x"', "epochs = 'x': expected int"),
+    ("epochs = -1", "epochs must be at least 1"),
+    ("dropout = 1.5", "dropout must be in [0, 1)"),
+    ("d_model = 30\nn_heads = 4", "multiple of n_heads"),
+    ('train = ["no/such/corpus.tsv"]', "no corpus file no/such/corpus.tsv"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, toml, message):
+    config = tmp_path / "c.toml"
+    config.write_text(toml + "\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "-c", str(config), "--out", str(out)])
+    assert result.exit_code in (2, 6) and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (out / "tokenizer.json").exists()
+
+
+def test_no_validation_set_is_a_warning_not_nan(corpus, tmp_path):
+    Trainer(tiny(corpus, tmp_path / "run", valid="", epochs=1)).run()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "warning: no validation set" in log and "nan" not in log
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
