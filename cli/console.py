@@ -18,7 +18,8 @@ def err() -> Console:
     `translate --help` may take."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line
+    # markup off: file names and text in messages are never read as rich markup
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # one line each
 
 INTERRUPTED, BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
 
@@ -34,7 +35,11 @@ def fail(debug: bool):
     except TranslateError as exc:
         if debug:
             raise
-        err().print(f"[bold red]error:[/] {exc}")
+        from rich.text import Text
+
+        from core.segment import safe
+
+        err().print(Text.assemble(("error:", "bold red"), " ", safe(str(exc))))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
@@ -47,3 +52,11 @@ def fail(debug: bool):
         except (OSError, ValueError):
             pass
         sys.exit(BROKEN_PIPE)
+    except OSError as exc:  # a device that refuses writes (/dev/full), a disk that fills up
+        if debug:
+            raise
+        from core.segment import safe
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        err().print(f"error: {safe(exc.strerror or str(exc))}{safe(where)}")
+        sys.exit(1)

@@ -18,85 +18,143 @@ from typer.core import TyperCommand, TyperGroup
 from cli import options as opt
 from cli.console import BROKEN_PIPE, err, fail
 from cli.render import format_result, progress_bar, stream_to_terminal, write_line
-from cli.streams import open_input, open_output
+from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
 
 
 class DefaultCommand(TyperCommand):
-    """The translate command presents itself as `translate`, not `translate text`."""
+    """The translate command presents itself as `translate`, not `translate text`, and shows
+    its options in groups."""
+
+    SECTIONS = {"Input and output": ["input", "output", "fmt"],
+                "Model": ["model", "revision", "to", "device", "dtype", "batch_size"],
+                "Decoding": list(opt.FLAGS)}
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         formatter.write_usage(ctx.parent.command_path, "[OPTIONS] [TEXT]...")
 
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record and param.param_type_name == "argument":
+                record = (f"{param.metavar}...", record[1])  # not typer's <list[str]>
+            if record:
+                records[param.name] = record
+        with formatter.section("Arguments"):
+            formatter.write_dl([records.pop("text")])
+        for title, names in self.SECTIONS.items():
+            with formatter.section(title):
+                formatter.write_dl([records.pop(n) for n in names if n in records])
+        with formatter.section("Other options"):
+            formatter.write_dl(list(records.values()))
+
 
 class DefaultCommandGroup(TyperGroup):
     """Anything that is not a subcommand name goes to the default `text` command, so
-    `translate "Hello"`, `translate -m DIR` and `translate models` all work."""
+    `translate "Hello"`, `translate -m DIR` and `translate models` all work; `translate help
+    [COMMAND]` shows help. Parser errors are one line, as the tool's own errors, exit 2."""
+
+    OWN = ("--version", "--install-completion", "--show-completion")
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.commands:
+        if args[:1] == ["help"]:
+            args = [args[1] if args[1:] and args[1] in self.commands else "text", "--help"]
+        elif not args or (args[0] not in self.commands and args[0] not in self.OWN):
             args = ["text", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            err().print("interrupted")
+            sys.exit(130)
+        except Exception as exc:  # click's UsageError (typer may vendor its own click)
+            if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+                raise
+            from core.segment import safe
 
-app = typer.Typer(cls=DefaultCommandGroup, add_completion=False, no_args_is_help=False,
-                  pretty_exceptions_enable=False, rich_markup_mode=None)
+            err().print(f"error: {safe(exc.format_message())} (see translate --help)")
+            sys.exit(2)
+
+
+app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"translate {version('translate')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def group() -> None:
+def group(version: Annotated[bool, typer.Option(
+        "--version", help="Show the version and exit.", is_eager=True,
+        callback=show_version)] = False) -> None:
     """Translate text on the shell with a Transformer encoder-decoder."""
 
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Checkpoint directory, Marian directory (Hugging Face layout), "
+    "--model", "-m", metavar="NAME|DIR|ID", help="Checkpoint directory, Marian directory (Hugging Face layout), "
                           "embedded model name, or Hugging Face Hub id OWNER/NAME "
                           "[default: en-de].")]
 Revision = Annotated[Optional[str], typer.Option(
-    help="Branch, tag or commit of a Hub model [default: main].", show_default=False)]
+    metavar="REV", help="Branch, tag or commit of a Hub model [default: main].", show_default=False)]
 To = Annotated[Optional[str], typer.Option(
-    "--to", help="Target language of a multilingual model, e.g. fra (adds >>fra<<).",
+    "--to", metavar="LANG", help="Target language of a multilingual model, e.g. fra (adds >>fra<<).",
     show_default=False)]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-BatchSize = Annotated[int, typer.Option(help="Sentences decoded together.")]
+Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
+BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
 Dtype = Annotated[str, typer.Option(
-    help="float32, bfloat16, or int8 (quantized linear layers: the fastest on a CPU).")]
-
-
-# flags that choose a decoding strategy: any of them replaces the model's own choice
-PICKS = ("strategy", "beam_size", "n_best", "top_k", "top_p", "temperature")
+    metavar="[float32|bfloat16|int8]",
+    help="Precision; int8 (quantized linear layers) is the fastest on a CPU.")]
 
 
 def load_translator(model, revision, to, device, dtype, batch_size):
     """The Translator for -m/--revision/--to, and the decoding settings the model suggests."""
-    from core import checkpoint
     from core.translator import Translator
 
-    ckpt = checkpoint.load(model, device, revision=revision, dtype=dtype)
-    translator = Translator(ckpt.model, ckpt.tokenizer, batch_size=batch_size)
-    if to is not None:
-        translator.tokenizer = translator.tokenizer.with_target_language(to)
-    return translator, ckpt.generation
+    translator = Translator.load(model, device=device, dtype=dtype, revision=revision, to=to,
+                                 batch_size=batch_size)
+    return translator, translator.defaults
 
 
-def with_model_defaults(flags: dict, defaults: dict) -> dict:
-    """Fill the flags the user left out from the model's decoding settings (Marian: beam search
-    with its beam size, its maximum length). A user's strategy flag replaces the model's
-    strategy; the model's beam size still applies to beam search chosen without -b."""
-    merged = {k: defaults[k] if v is None and k in defaults and k not in PICKS else v
-              for k, v in flags.items()}
-    if any(flags.get(k) is not None for k in PICKS):
-        chosen = opt.decode_options(**flags).strategy
-    else:
-        chosen = merged["strategy"] = defaults.get("strategy")
-    if chosen == "beam" and flags.get("beam_size") is None and "beam_size" in defaults:
-        merged["beam_size"] = defaults["beam_size"]
-    return merged
+def with_defaults(flags: dict, defaults: dict) -> dict:
+    from core.search import with_defaults
+
+    return with_defaults(flags, defaults)
 
 
 def warn_split(line: int, pieces: int) -> None:
     err().print(f"warning: line {line} is longer than the model reads at once; translated in "
               f"{pieces} pieces")
+
+
+class Warnings:
+    """Translation warnings on stderr, each naming its line: the first few, then a count, so
+    a long file cannot flood the terminal (--format jsonl carries every one)."""
+
+    SHOWN = 20
+
+    def __init__(self):
+        self.lines = 0
+
+    def __call__(self, number: int, warnings: list[str]) -> None:
+        if warnings:
+            self.lines += 1
+            if self.lines <= self.SHOWN:
+                for warning in warnings:
+                    err().print(f"warning: line {number}: {warning}")
+
+    def close(self) -> None:
+        if self.lines > self.SHOWN:
+            err().print(f"warning: {self.lines - self.SHOWN} more lines had warnings "
+                        "(--format jsonl lists them)")
 
 
 def report_invalid(numbers: list[int]) -> None:
@@ -113,16 +171,18 @@ def translate_command(
         help="Text to translate; without it, lines come from -i FILE or stdin.",
         show_default=False, metavar="TEXT")] = None,
     input: Annotated[Optional[Path], typer.Option(
-        "--input", "-i", help="Translate the lines of FILE.")] = None,
+        "--input", "-i", metavar="FILE", help="Translate the lines of FILE (- for stdin).")] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Write to FILE (replaced only when complete).")] = None,
+        "--output", "-o", metavar="FILE", help="Write to FILE: a regular file is replaced only "
+        "when complete; a FIFO or device is written as a stream; - is stdout.")] = None,
     model: Model = None,
     revision: Revision = None,
     to: To = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 32,
-    fmt: Annotated[str, typer.Option("--format", help="text or jsonl.")] = "text",
+    fmt: Annotated[str, typer.Option("--format", metavar="[text|jsonl]",
+                                     help="Output format.")] = "text",
     debug: Debug = False,
     decoding: dict = None,
 ) -> None:
@@ -135,11 +195,15 @@ def translate_command(
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
+        opt.check_placement(device, dtype)
+        check_output(output)  # before the model loads: a bad -o costs nothing
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
             translator, defaults = load_translator(model, revision, to, device, dtype, batch_size)
-            decoding = opt.decode_options(**with_model_defaults(flags, defaults))
-            live = output is None and sys.stdout.isatty() and fmt == "text" and decoding.n_best == 1
+            decoding = opt.decode_options(**with_defaults(flags, defaults))
+            # token by token for text given as arguments; lines of a file or pipe are batched
+            live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
+                    and decoding.n_best == 1)
             with open_output(output) as out:
                 if live:
                     from rich.console import Console
@@ -149,13 +213,17 @@ def translate_command(
                         stream_to_terminal(console, translator.stream(line, **vars(decoding)))
                 else:
                     sources, queued = itertools.tee(lines)
-                    results = translator.iter_translate(queued, decoding, on_split=warn_split)
-                    total = input.stat().st_size if input is not None else None
+                    results = translator.iter_translate(queued, decoding, on_split=warn_split,
+                                                        ready=lines.ready)
+                    total = count_lines(input) if input is not None else None
                     bar = sys.stderr.isatty() and not text
+                    warn = Warnings()
                     with progress_bar(err, total, enabled=bar) as advance:
-                        for source, nbest in zip(sources, results):
+                        for number, (source, nbest) in enumerate(zip(sources, results), 1):
                             write_line(out, format_result(source, nbest, fmt, decoding.n_best))
-                            advance(len(source.encode()) + 1)
+                            warn(number, nbest[0].warnings)
+                            advance()
+                    warn.close()
         report_invalid(invalid)
 
 
@@ -176,7 +244,10 @@ def models_command(debug: Debug = False) -> None:
             cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
             pair = f"{cfg.get('source_lang') or '?'}->{cfg.get('target_lang') or '?'}"
-            print(f"{name}\t{pair}\t{size:.1f} MB\t{path}{note}")
+            gen = path / "generation.json"
+            decoding = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else {}
+            shown = ", ".join(f"{k} {v}" for k, v in decoding.items()) or "greedy"
+            print(f"{name}\t{pair}\t{size:.1f} MB\t{shown}\t{path}{note}")
 
 
 @app.command("download")
@@ -226,11 +297,12 @@ def eval_command(
         from core.errors import DataError
 
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
+        opt.check_placement(device, dtype)
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
         translator, defaults = load_translator(model, revision, to, device, dtype, batch_size)
-        decoding = opt.decode_options(**with_model_defaults(flags, defaults))
+        decoding = opt.decode_options(**with_defaults(flags, defaults))
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]
         seconds = time.perf_counter() - start
@@ -287,6 +359,7 @@ def train_command(
             cfg = TrainConfig.from_file(config, **flags)
         else:
             cfg = TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+        cfg.check_files()  # before the progress display starts: an error stays one line
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
                             TextColumn("loss {task.fields[loss]:.3f}"),
                             TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn(),

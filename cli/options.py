@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import typing
 from typing import Annotated, Optional
 
@@ -12,26 +13,36 @@ import typer
 
 from core.errors import UsageError
 
-def flag(kind, *names: str, help: str):
-    return Annotated[Optional[kind], typer.Option(*names, help=help, show_default=False)]
+def flag(kind, *names: str, help: str, metavar: str = "N"):
+    return Annotated[Optional[kind], typer.Option(*names, help=help, show_default=False,
+                                                  metavar=metavar)]
 
 
 # name -> annotation; None means "not given", so DecodeOptions' defaults apply
 FLAGS = {
-    "strategy": flag(str, "--strategy", "-s", help="greedy, beam or sample [default: greedy; "
-                     "sampling flags imply sample, beam flags imply beam]."),
+    "strategy": flag(str, "--strategy", "-s", metavar="[greedy|beam|sample]",
+                     help="How to decode [default: the model's (en-de, de-en: beam); sampling "
+                     "flags imply sample, beam flags beam; greedy for a model with none]."),
     "beam_size": flag(int, "--beam-size", "-b", help="Hypotheses kept per sentence [default: 5, or the model's]."),
-    "length_penalty": flag(float, "--length-penalty", help="GNMT length penalty alpha; 0 ranks "
-                           "by the plain sum of log-probs [default: 0.6]."),
+    "length_penalty": flag(float, "--length-penalty", metavar="ALPHA",
+                           help="GNMT length penalty alpha; 0 ranks by the plain sum of "
+                           "log-probs [default: the model's (en-de: 2.5), else 0.6]."),
     "n_best": flag(int, "--n-best", help="Print N alternatives per line with their scores "
                    "(beam search)."),
     "top_k": flag(int, "--top-k", "-k", help="Sample only from the k most likely tokens."),
-    "top_p": flag(float, "--top-p", "-p", help="Sample only from the nucleus of probability p."),
-    "temperature": flag(float, "--temperature", "-T", help="Sampling temperature; 0 is greedy."),
+    "top_p": flag(float, "--top-p", "-p", metavar="P",
+                  help="Sample only from the nucleus of probability p."),
+    "temperature": flag(float, "--temperature", "-T", metavar="T",
+                        help="Sampling temperature; 0 is greedy."),
     "seed": flag(int, "--seed", help="Make sampling reproducible."),
     "min_length": flag(int, "--min-length", help="Forbid EOS before this many tokens."),
     "max_length": flag(int, "--max-length", help="At most this many tokens per sentence "
                        "[default: 256, or the model's]."),
+    "max_length_factor": flag(float, "--max-length-factor", metavar="X", help="And at most this many "
+                              "times the sentence's source tokens, plus 10; 0: no such limit "
+                              "[default: 2]."),
+    "no_repeat_ngram": flag(int, "--no-repeat-ngram", help="Never repeat an n-gram of this "
+                            "many tokens in a translation [default: 0, off, or the model's]."),
 }
 
 
@@ -60,24 +71,17 @@ def with_decoding(*, exclude: tuple[str, ...] = ()):
     return decorate
 
 
-def decode_options(*, strategy=None, beam_size=None, n_best=None, top_k=None, top_p=None,
-                   temperature=None, **rest):
-    """Combine the flags into DecodeOptions; contradictions are a UsageError."""
-    from core.search import DecodeOptions
+def check_placement(device: str, dtype: str) -> None:
+    """--device and --dtype values, checked before anything is loaded (bad ones exit 2)."""
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
+    if dtype not in ("float32", "bfloat16", "int8"):
+        raise UsageError(f"unknown dtype '{dtype}'; use float32, bfloat16 or int8")
 
-    sampling = {"--top-k": top_k, "--top-p": top_p, "--temperature": temperature}
-    beam = {"--beam-size": beam_size, "--n-best": n_best}
-    given_sampling = [flag for flag, value in sampling.items() if value is not None]
-    given_beam = [flag for flag, value in beam.items() if value is not None]
-    if strategy is None:
-        if given_sampling and given_beam:
-            raise UsageError(f"{given_sampling[0]} (sampling) and {given_beam[0]} (beam search) "
-                             "do not go together")
-        strategy = "sample" if given_sampling else "beam" if given_beam else "greedy"
-    if given_sampling and strategy != "sample":
-        raise UsageError(f"{given_sampling[0]} only applies to sampling, not -s {strategy}")
-    if given_beam and strategy != "beam" and not (n_best == 1 and beam_size is None):
-        raise UsageError(f"{given_beam[0]} only applies to beam search, not -s {strategy}")
-    values = dict(rest, strategy=strategy, beam_size=beam_size, n_best=n_best, top_k=top_k,
-                  top_p=top_p, temperature=temperature)
-    return DecodeOptions(**{k: v for k, v in values.items() if v is not None})
+
+def decode_options(**flags):
+    """Combine the flags into DecodeOptions (core.search.combine); contradictions are a
+    UsageError."""
+    from core.search import combine
+
+    return combine(**flags)

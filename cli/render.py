@@ -16,12 +16,14 @@ def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
 
     text:   the best translation; with --n-best N, N fields pairs `translation<TAB>score`,
             best first (tabs inside a translation become spaces)
-    jsonl:  {"source", "translation", "score"} and, with --n-best, "nbest": [{"text", "score"}]
+    jsonl:  {"source", "translation", "score", "warnings"} and, with --n-best,
+            "nbest": [{"text", "score"}]; warnings are those of the best translation
     """
     if fmt == "jsonl":
         record = {"source": source, "translation": nbest[0].text, "score": round(nbest[0].score, 4)}
         if n_best > 1:
             record["nbest"] = [{"text": c.text, "score": round(c.score, 4)} for c in nbest]
+        record["warnings"] = nbest[0].warnings
         return json.dumps(record, ensure_ascii=False)
     if n_best > 1:
         return "\t".join(f"{c.text.replace(chr(9), ' ')}\t{c.score:.4f}" for c in nbest)
@@ -42,24 +44,33 @@ def stream_to_terminal(console: Console, pieces) -> None:
 
 @contextmanager
 def progress_bar(console: Callable[[], Console], total: int | None, enabled: bool):
-    """A transient bar on the console `console()` gives (stderr), advanced by the bytes of input
-    translated so far; yields the function that advances it. Nothing at all, and no console
-    made, when not enabled (stderr is not a terminal)."""
+    """A transient bar on the console `console()` gives (stderr) that counts lines done, with
+    their rate and, when the total is known (-i FILE), the time left; yields the function that
+    counts one more line. Nothing at all, and no console made, when not enabled (stderr is not
+    a terminal)."""
     if not enabled:
-        yield lambda n: None
+        yield lambda: None
         return
     from rich.progress import (
         BarColumn,
-        DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         SpinnerColumn,
         TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
 
-    columns = [SpinnerColumn(), TextColumn("translating"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn()]
+    columns = [SpinnerColumn(), TextColumn("translating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("lines"),
+               TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn() if total else TimeElapsedColumn()]
     with Progress(*columns, console=console(), transient=True) as progress:
-        task = progress.add_task("translating", total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task("translating", total=total, rate="")
+
+        def advance() -> None:
+            progress.advance(task, 1)
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:.1f}/s" if speed else "")
+
+        yield advance

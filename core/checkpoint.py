@@ -97,7 +97,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("CUDA was asked for but no CUDA device is available; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
-        raise DeviceError(f"unknown device '{device}'; use auto, cpu or cuda")
+        raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
     return torch.device(device)
 
 

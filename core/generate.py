@@ -8,40 +8,52 @@ import torch
 from torch import Tensor
 
 from core.model import Transformer
-from core.search import NEG_INF, Step, Strategy
+from core.search import NEG_INF, Step, Strategy, ban_repeats
 
 
 def generate(model: Transformer, src: Tensor, src_mask: Tensor, strategy: Strategy, *,
-             max_length: int, min_length: int = 0) -> Iterator[Step]:
+             max_length: int | Tensor, min_length: int = 0, no_repeat_ngram: int = 0
+             ) -> Iterator[Step]:
     """Yield what each step settles for a batch (B, S) of source ids.
 
-    EOS is forbidden before `min_length` tokens and forced after `max_length`; padding and BOS
-    are never generated. Finished sentences leave the working batch, and the cache follows the
-    rows the strategy keeps."""
+    EOS is forbidden before `min_length` tokens and forced after `max_length`, one limit for
+    the batch or one per sentence (B,); padding and BOS are never generated. With
+    `no_repeat_ngram` n, no row repeats an n-gram it already holds. Finished sentences leave
+    the working batch, and the cache follows the rows the strategy keeps."""
     cfg = model.cfg
-    max_length = min(max_length, cfg.max_positions - 1)  # the last position is for EOS
     device = src.device
+    limits = torch.as_tensor(max_length, device=device).expand(src.size(0))  # (B,)
+    limits = limits.clamp(min=min_length, max=cfg.max_positions - 1)  # last position: EOS
     never = torch.tensor(sorted({cfg.pad_id, cfg.bos_id, cfg.decoder_start_id} - {cfg.eos_id}),
                          dtype=torch.long, device=device)
     eos = torch.tensor([cfg.eos_id], device=device)
     with torch.inference_mode():
         memory = model.encode(src, src_mask)  # (B, S, D): once per batch
         rows = strategy.start(src.size(0), device)
+        row_limit = limits[rows]  # (N,) each row's limit follows it like its cache
         # cross-attention K/V once per batch; a sentence's beams share them
         cache = model.new_cache(memory, src_mask, group=rows.numel() // src.size(0))
         tokens = torch.full((rows.numel(),), cfg.decoder_start_id, device=device)
-    for t in range(max_length + 1):
+        history = torch.zeros(rows.numel(), 0, dtype=torch.long, device=device)  # (N, t)
+    for t in range(int(limits.max()) + 1):
         with torch.inference_mode():
             logits, cache = model.decode_step(tokens, cache)  # (N, V), a fresh tensor
             logprobs = logits.float().index_fill_(1, never, NEG_INF).log_softmax(-1)
+            if no_repeat_ngram:
+                logprobs = ban_repeats(logprobs, history, no_repeat_ngram)
             if t < min_length:  # masked after normalising, as Hugging Face does
                 logprobs.index_fill_(1, eos, NEG_INF)
-            if t == max_length:  # only EOS is left; it keeps its real log-probability
-                logprobs = torch.full_like(logprobs, NEG_INF).index_copy_(
-                    1, eos, logprobs.index_select(1, eos))
+            at_limit = row_limit <= t  # (N,) only EOS is left; it keeps its log-probability
+            if at_limit.any():
+                kept = logprobs.index_select(1, eos)
+                logprobs[at_limit] = NEG_INF
+                logprobs.index_copy_(1, eos, kept)
             step, rows, tokens = strategy.step(logprobs)
             if rows.numel():
                 cache = cache.reorder(rows)
+                row_limit = row_limit[rows]
+                if no_repeat_ngram:
+                    history = torch.cat([history[rows], tokens[:, None]], dim=1)
         yield step
         if not rows.numel():
             return

@@ -43,6 +43,19 @@ def top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
+def ban_repeats(logprobs: Tensor, history: Tensor, n: int) -> Tensor:
+    """Forbid each row (N, V) the tokens that would repeat an n-gram of its history (N, t):
+    those that followed an earlier occurrence of its last n-1 tokens."""
+    N, t = history.shape
+    if n < 1 or t < n:  # no whole n-gram yet (n = 1: no token yet)
+        return logprobs
+    grams = history.unfold(1, n, 1)  # (N, t-n+1, n)
+    last = history[:, t - n + 1:]  # (N, n-1) the prefix the next token would complete
+    seen = (grams[:, :, :-1] == last[:, None, :]).all(-1)  # (N, t-n+1)
+    row, at = seen.nonzero(as_tuple=True)
+    return logprobs.index_put((row, grams[row, at, -1]), logprobs.new_tensor(NEG_INF))
+
+
 def largest(x: Tensor, k: int, *, blocks: int = 64) -> tuple[Tensor, Tensor]:
     """The k highest values of each row of a 2-D x and their columns, as torch.topk gives them.
 
@@ -254,6 +267,8 @@ class DecodeOptions:
     seed: int | None = None
     min_length: int = 0  # EOS is forbidden before this many tokens
     max_length: int = 256  # at most this many tokens per sentence (EOS not counted)
+    max_length_factor: float = 2.0  # and at most factor x source tokens + 10 (0: no such limit)
+    no_repeat_ngram: int = 0  # no n-gram of this size twice in a translation (0: allowed)
 
     def __post_init__(self) -> None:
         def need(ok: bool, why: str) -> None:
@@ -269,6 +284,10 @@ class DecodeOptions:
         need(0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(self.max_length >= 1, f"max length must be at least 1, got {self.max_length}")
+        need(self.max_length_factor >= 0,
+             f"max length factor must be >= 0, got {self.max_length_factor}")
+        need(self.no_repeat_ngram >= 0,
+             f"no-repeat n-gram size must be >= 0, got {self.no_repeat_ngram}")
         need(0 <= self.min_length <= self.max_length,
              f"min length must be between 0 and max length ({self.max_length}), "
              f"got {self.min_length}")
@@ -277,6 +296,13 @@ class DecodeOptions:
                  f"n-best ({self.n_best}) cannot exceed the beam size ({self.beam_size})")
         else:
             need(self.n_best == 1, "n-best lists need beam search (-s beam)")
+
+    def limit(self, source_tokens: int) -> int:
+        """The most tokens a translation of `source_tokens` tokens may have."""
+        if not self.max_length_factor:
+            return self.max_length
+        return max(self.min_length, min(self.max_length,
+                                        int(self.max_length_factor * source_tokens) + 10))
 
     def make(self, eos_id: int) -> Strategy:
         return STRATEGIES[self.strategy](self, eos_id)
@@ -290,3 +316,45 @@ STRATEGIES: dict[str, Callable[[DecodeOptions, int], Strategy]] = {
                                       max_length=o.max_length, alpha=o.length_penalty,
                                       n_best=o.n_best),
 }
+
+
+# choices of strategy: any of them given replaces the model's own choice
+PICKS = ("strategy", "beam_size", "n_best", "top_k", "top_p", "temperature")
+
+
+def with_defaults(given: dict, defaults: dict) -> dict:
+    """Fill the options a user left out (None) from the model's decoding settings (its
+    generation.json: Marian's beam search and maximum length, our models' beam and length
+    penalty). A user's choice of strategy replaces the model's; the model's beam size still
+    applies to beam search chosen without a beam size."""
+    merged = {k: defaults[k] if v is None and k in defaults and k not in PICKS else v
+              for k, v in given.items()}
+    if any(given.get(k) is not None for k in PICKS):
+        chosen = combine(**given).strategy
+    else:
+        chosen = merged["strategy"] = defaults.get("strategy")
+    if chosen == "beam" and given.get("beam_size") is None and "beam_size" in defaults:
+        merged["beam_size"] = defaults["beam_size"]
+    return merged
+
+
+def combine(*, strategy=None, beam_size=None, n_best=None, top_k=None, top_p=None,
+                   temperature=None, **rest):
+    """DecodeOptions from what a user gave (None: not given): sampling options imply
+    sampling, beam options beam search; contradictions are a UsageError."""
+    sampling = {"--top-k": top_k, "--top-p": top_p, "--temperature": temperature}
+    beam = {"--beam-size": beam_size, "--n-best": n_best}
+    given_sampling = [flag for flag, value in sampling.items() if value is not None]
+    given_beam = [flag for flag, value in beam.items() if value is not None]
+    if strategy is None:
+        if given_sampling and given_beam:
+            raise UsageError(f"{given_sampling[0]} (sampling) and {given_beam[0]} (beam search) "
+                             "do not go together")
+        strategy = "sample" if given_sampling else "beam" if given_beam else "greedy"
+    if given_sampling and strategy != "sample":
+        raise UsageError(f"{given_sampling[0]} only applies to sampling, not -s {strategy}")
+    if given_beam and strategy != "beam" and not (n_best == 1 and beam_size is None):
+        raise UsageError(f"{given_beam[0]} only applies to beam search, not -s {strategy}")
+    values = dict(rest, strategy=strategy, beam_size=beam_size, n_best=n_best, top_k=top_k,
+                  top_p=top_p, temperature=temperature)
+    return DecodeOptions(**{k: v for k, v in values.items() if v is not None})

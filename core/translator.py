@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from core import checkpoint
+from core import checkpoint, segment
+from core.segment import loops, safe
 from core.generate import generate
 from core.model import Transformer
-from core.search import DecodeOptions, Strategy
+from core.search import DecodeOptions, Strategy, combine, with_defaults
 from core.tokenizer import Tokenizer
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?;:\u2026\u3002\uff01\uff1f])\s+")
-ONE_LINE = str.maketrans({"\n": " ", "\r": " "})
-
-
 @dataclass
 class Candidate:
     text: str
     score: float
+    warnings: list[str] = field(default_factory=list)  # e.g. "sentence 2 hit the length limit"
 
 
-def join(nbests: list[list[Candidate]]) -> list[Candidate]:
-    """Put the pieces of a split line back together: the k-th candidate joins every piece's
-    k-th; scores add up."""
+def join(nbests: list[list[Candidate]], between: list[str] | None = None) -> list[Candidate]:
+    """Put the pieces of a sentence or line back together: the k-th candidate joins every
+    piece's k-th, with `between[i]` before piece i (default: a space between pieces); scores
+    add up, warnings are kept."""
     n = min(len(c) for c in nbests)
-    return [Candidate(" ".join(c[k].text for c in nbests), sum(c[k].score for c in nbests))
+    between = between or [""] + [" "] * (len(nbests) - 1)
+    return [Candidate("".join(b + c[k].text for b, c in zip(between, nbests)),
+                      sum(c[k].score for c in nbests), [w for c in nbests for w in c[k].warnings])
             for k in range(n)]
 
 
@@ -53,38 +56,64 @@ class Detokenizer:
 
 
 class Translator:
-    """Translate lines of text with one model; blank lines come back as they were."""
+    """Translate lines of text with one model: each line sentence by sentence (core.segment),
+    protected spans copied; blank lines come back as they were."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, batch_size: int = 32):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, batch_size: int = 32,
+                 source_lang: str | None = None, defaults: dict | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = next(model.parameters()).device
+        self.source_lang = source_lang or model.cfg.source_lang or "en"  # the segmenter's rules
+        self.defaults = defaults or {}  # the model's decoding settings (generation.json)
 
     @classmethod
-    def load(cls, model: str | None = None, *, device: str = "auto",
+    def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "float32",
+             revision: str | None = None, to: str | None = None,
              batch_size: int = 32) -> Translator:
-        ckpt = checkpoint.load(model, device)
-        return cls(ckpt.model, ckpt.tokenizer, batch_size=batch_size)
+        """A model by name, path or Hub id (see `translate -m`), on `device` in `dtype`; `to`
+        picks the target language of a multilingual model. It decodes as the model suggests
+        (its generation.json) unless told otherwise, as the CLI does."""
+        ckpt = checkpoint.load(model, device, revision=revision, dtype=dtype)
+        translator = cls(ckpt.model, ckpt.tokenizer, batch_size=batch_size,
+                         defaults=ckpt.generation)
+        if to is not None:
+            translator.tokenizer = translator.tokenizer.with_target_language(to)
+        return translator
+
+    def options(self, **given) -> DecodeOptions:
+        """DecodeOptions from keyword options over the model's defaults (core.search)."""
+        names = [f.name for f in dataclasses.fields(DecodeOptions)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(f"unknown decoding option(s): {', '.join(unknown)}")
+        return combine(**with_defaults({n: given.get(n) for n in names}, self.defaults))
 
     def translate(self, lines: list[str], **options) -> list[str]:
+        """The best translation of each line; options as DecodeOptions' fields."""
         return [nbest[0].text for nbest in self.translate_nbest(lines, **options)]
 
     def translate_nbest(self, lines: list[str], **options) -> list[list[Candidate]]:
-        return list(self.iter_translate(lines, DecodeOptions(**options)))
+        return list(self.iter_translate(lines, self.options(**options)))
 
     def iter_translate(self, lines: Iterable[str], options: DecodeOptions, *,
-                       chunk_size: int = 1024, on_split: Callable[[int, int], None] | None = None
-                       ) -> Iterator[list[Candidate]]:
+                       chunk_size: int = 1024, on_split: Callable[[int, int], None] | None = None,
+                       ready: Callable[[], bool] | None = None) -> Iterator[list[Candidate]]:
         """Yield each line's n-best in input order, as soon as it and all before it are done.
 
-        Lines are read `chunk_size` at a time and sorted by length within a chunk, so padding
-        stays small and memory stays bounded on endless input. A line too long for the model is
-        translated in pieces and joined; `on_split(line_number, pieces)` hears of it."""
+        Lines are read `chunk_size` at a time, or fewer when `ready()` says no more line is
+        there without waiting; their sentences are sorted by length within a chunk, so
+        padding stays small and memory stays bounded on endless input. A sentence too long
+        for the model is translated in pieces and joined; `on_split(line_number, pieces)`
+        hears of it."""
+        if isinstance(lines, str):
+            raise TypeError("lines must be a list (or iterable) of lines, not one str: "
+                            "translate([text]) for a single line")
         strategy = options.make(self.tokenizer.eos_id)
         chunk: list[str] = []
         first = 1
         for line in lines:
             chunk.append(line)
-            if len(chunk) == chunk_size:
+            if len(chunk) == chunk_size or (ready is not None and not ready()):
                 yield from self._translate_chunk(chunk, first, options, strategy, on_split)
                 first += len(chunk)
                 chunk = []
@@ -93,29 +122,26 @@ class Translator:
 
     def _translate_chunk(self, lines: list[str], first: int, options: DecodeOptions,
                          strategy: Strategy, on_split) -> Iterator[list[Candidate]]:
+        layout = {i: segment.split(line, self.source_lang)
+                  for i, line in enumerate(lines) if line.strip()}
+        units = [(i, j) for i, sentences in layout.items()
+                 for j, sentence in enumerate(sentences) if sentence.translate]
+        left = {i: sum(s.translate for s in sentences) for i, sentences in layout.items()}
+        found: dict[int, dict[int, list[Candidate]]] = {i: {} for i in layout}
         results: dict[int, list[Candidate]] = {}
-        pieces: list[list[int]] = []  # token ids of every piece to translate
-        owner: list[int] = []  # the line each piece belongs to
-        parts: dict[int, list[int]] = {}  # line -> indices of its pieces
-        for i, ids in self._pieces(lines):
-            if len(ids) > 1 and on_split is not None:
-                on_split(first + i, len(ids))
-            parts[i] = list(range(len(pieces), len(pieces) + len(ids)))
-            pieces.extend(ids)
-            owner.extend([i] * len(ids))
         for i, line in enumerate(lines):
-            if i not in parts:
-                results[i] = [Candidate(line, 0.0)]  # blank: comes back as it was
-        done: dict[int, list[list[Candidate]]] = {}
-        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j]))
+            if not left.get(i):  # blank, or nothing to translate: comes back as it was
+                results[i] = [Candidate(line, 0.0)]
         emitted = 0
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start: start + self.batch_size]
-            for b, hyps in self._decode_batch([pieces[j] for j in batch], options, strategy):
-                done[batch[b]] = [Candidate(self.text(h.tokens), h.score) for h in hyps]
-            for i in {owner[j] for j in batch}:
-                if all(j in done for j in parts[i]):
-                    results[i] = join([done.pop(j) for j in parts[i]])
+        texts = [layout[i][j].text for i, j in units]
+        where = [first + i for i, _ in units]
+        for u, nbest in self._decode_texts(texts, options, strategy, on_split, where):
+            i, j = units[u]
+            sentence = layout[i][j]
+            found[i][j] = self._restore(sentence, nbest, options, strategy)
+            left[i] -= 1
+            if not left[i]:
+                results[i] = self._rebuild(layout[i], found.pop(i))
             while emitted in results:
                 yield results.pop(emitted)
                 emitted += 1
@@ -123,13 +149,79 @@ class Translator:
             yield results.pop(emitted)
             emitted += 1
 
-    def _pieces(self, lines: list[str]) -> Iterator[tuple[int, list[list[int]]]]:
-        """(line index, token ids of its pieces) for every non-blank line."""
-        todo = [i for i, line in enumerate(lines) if line.strip()]
-        encoded = self.tokenizer.encode_batch([lines[i].strip() for i in todo])
+    def _decode_texts(self, texts: list[str], options: DecodeOptions, strategy: Strategy,
+                      on_split=None, where: list[int] | None = None
+                      ) -> Iterator[tuple[int, list[Candidate]]]:
+        """Yield (index, n-best) for each text as soon as all its pieces are decoded."""
+        pieces: list[list[int]] = []  # token ids of every piece to translate
+        owner: list[int] = []  # the text each piece belongs to
+        parts: list[list[int]] = []  # text -> indices of its pieces
         limit = self.model.cfg.max_positions
-        for i, ids in zip(todo, encoded):
-            yield i, [ids] if len(ids) <= limit else self.split(lines[i].strip())
+        for t, (text, ids) in enumerate(zip(texts, self.tokenizer.encode_batch(texts))):
+            split = [ids] if len(ids) <= limit else self.split(text)
+            if len(split) > 1 and on_split is not None:
+                on_split(where[t] if where else t + 1, len(split))
+            parts.append(list(range(len(pieces), len(pieces) + len(split))))
+            pieces.extend(split)
+            owner.extend([t] * len(split))
+        done: dict[int, list[Candidate]] = {}
+        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            limits = [options.limit(len(pieces[j])) for j in batch]
+            for b, hyps in self._decode_batch([pieces[j] for j in batch], options, strategy,
+                                              limits):
+                source = texts[owner[batch[b]]]
+                done[batch[b]] = [self.candidate(h, limits[b], source) for h in hyps]
+            for t in dict.fromkeys(owner[j] for j in batch):  # each text once, all pieces in
+                if all(j in done for j in parts[t]):
+                    yield t, join([done.pop(j) for j in parts[t]])
+
+    def candidate(self, hyp, limit: int, source: str) -> Candidate:
+        text = self.text(hyp.tokens)
+        warnings = []
+        if len(hyp.tokens) >= limit:
+            warnings.append(f"hit the length limit ({limit} tokens)")
+        if loops(text, source):
+            warnings.append("repeats itself")
+        return Candidate(text, hyp.score, warnings)
+
+    def _restore(self, sentence: segment.Sentence, nbest: list[Candidate],
+                 options: DecodeOptions, strategy: Strategy) -> list[Candidate]:
+        """Put the protected spans back. Where the model lost a placeholder, translate the
+        sentence around its spans instead (piece by piece), so no span is ever lost."""
+        spans = sentence.spans
+        if all(segment.copied(c.text, spans) for c in nbest):
+            return [Candidate(segment.restore(c.text, spans), c.score, c.warnings) for c in nbest]
+        parts = segment.around(sentence.text, spans)
+        todo = [k for k, p in enumerate(parts) if k % 2 == 0 and segment.needs_model(p)]
+        got = dict(self._decode_texts([parts[k].strip() for k in todo], options, strategy))
+        pieces = []
+        for k, part in enumerate(parts):
+            if k % 2:  # a placeholder: its span
+                pieces.append([Candidate(spans[k // 2], 0.0)])
+            elif k in todo:
+                lead, _, trail = segment.edges(part)
+                pieces.append([Candidate(lead + c.text + trail, c.score, c.warnings)
+                               for c in got[todo.index(k)]])
+            else:
+                pieces.append([Candidate(part, 0.0)])
+        return join(pieces, [""] * len(pieces))
+
+    @staticmethod
+    def _rebuild(sentences: list[segment.Sentence], found: dict[int, list[Candidate]]
+                 ) -> list[Candidate]:
+        """A line's n-best from its sentences' n-best, with the line's own whitespace and the
+        sentences not translated kept as they were; warnings name the sentence."""
+        many = len(sentences) > 1
+        pieces = []
+        for j, s in enumerate(sentences):
+            nbest = found.get(j) or [Candidate(s.source, 0.0)]
+            lead, trail = safe(s.lead), safe(s.trail)  # one line: \r and the like become spaces
+            pieces.append([Candidate(lead + c.text + trail, c.score,
+                                     [f"sentence {j + 1} {w}" if many else w for w in c.warnings])
+                           for c in nbest])
+        return join(pieces, [""] * len(pieces))
 
     def split(self, text: str) -> list[list[int]]:
         """Token ids of pieces that fit the model, never dropping a word: halves at a sentence
@@ -147,37 +239,55 @@ class Translator:
             left, right = text[:middle], text[middle:]
         return self.split(left.strip() or left) + self.split(right.strip() or right)
 
-    def _decode_batch(self, ids: list[list[int]], options: DecodeOptions, strategy: Strategy):
+    def _decode_batch(self, ids: list[list[int]], options: DecodeOptions, strategy: Strategy,
+                      limits: list[int]):
         src, mask = self.pad(ids)
-        for step in generate(self.model, src, mask, strategy, max_length=options.max_length,
-                             min_length=options.min_length):
+        for step in generate(self.model, src, mask, strategy,
+                             max_length=torch.tensor(limits, device=self.device),
+                             min_length=options.min_length,
+                             no_repeat_ngram=options.no_repeat_ngram):
             yield from step.finished.items()
 
     def text(self, tokens: list[int]) -> str:
-        """A translation is one line: line breaks the model may produce become spaces."""
-        return self.tokenizer.decode(tokens).translate(ONE_LINE)
+        """A translation is one line of safe text (see safe())."""
+        return safe(self.tokenizer.decode(tokens))
 
     def stream(self, line: str, **options) -> Iterator[str]:
-        """Yield the translation of one line piece by piece, as soon as each piece is final."""
+        """Yield the translation of one line piece by piece, as soon as each piece is final:
+        sentence by sentence, token by token (a sentence with protected spans comes whole)."""
+        if not isinstance(line, str):
+            raise TypeError("stream() translates one line, a str")
+        opts = self.options(**options)
+        strategy = opts.make(self.tokenizer.eos_id)
         if not line.strip():
             yield line
             return
-        opts = DecodeOptions(**options)
-        strategy = opts.make(self.tokenizer.eos_id)
-        _, pieces = next(self._pieces([line]))
-        for n, ids in enumerate(pieces):
+        for sentence in segment.split(line, self.source_lang):
+            yield sentence.lead
+            if not sentence.translate:
+                yield sentence.source
+            elif sentence.spans:
+                _, nbest = next(self._decode_texts([sentence.text], opts, strategy))
+                yield self._restore(sentence, nbest, opts, strategy)[0].text
+            else:
+                yield from self._stream_sentence(sentence.text, opts, strategy)
+            yield sentence.trail
+
+    def _stream_sentence(self, text: str, opts: DecodeOptions, strategy: Strategy):
+        for n, ids in enumerate(self.split(text)):
             if n:
                 yield " "
             detok = Detokenizer(self.tokenizer)
             src, mask = self.pad([ids])
-            for step in generate(self.model, src, mask, strategy, max_length=opts.max_length,
-                                 min_length=opts.min_length):
+            for step in generate(self.model, src, mask, strategy, max_length=opts.limit(len(ids)),
+                                 min_length=opts.min_length,
+                                 no_repeat_ngram=opts.no_repeat_ngram):
                 piece = detok.add(step.committed.get(0, []))
                 if piece:
-                    yield piece.translate(ONE_LINE)
+                    yield safe(piece)
             rest = detok.finish()
             if rest:
-                yield rest.translate(ONE_LINE)
+                yield safe(rest)
 
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad a batch: (B, S) ids and (B, S) real-token mask, on the model's device."""

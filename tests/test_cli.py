@@ -26,7 +26,8 @@ def test_argument(model_dir, expected):
     result = run("-m", model_dir, "--max-length", 8, "A man is riding a bicycle.")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == expected(["A man is riding a bicycle."])[0] + "\n"
-    assert result.stderr == ""
+    # a random model runs into the length limit: warnings only, naming the line
+    assert all(w.startswith("warning: line 1: ") for w in result.stderr.splitlines())
 
 
 def test_stdin_keeps_blank_lines_and_order(model_dir, expected):
@@ -138,3 +139,34 @@ def test_help_lists_flags_and_subcommands():
     assert "Usage: translate [OPTIONS] [TEXT]..." in result.stdout
     for flag in ("--beam-size", "--top-p", "--n-best", "--format", "models", "eval", "train"):
         assert flag in result.stdout
+
+
+def test_help_shows_placeholders_groups_and_defaults():
+    result = run("-h")
+    assert result.exit_code == 0
+    shown = result.stdout
+    for placeholder in ["TEXT...", "-i, --input FILE", "-o, --output FILE", "-b, --beam-size N",
+                        "-s, --strategy [greedy|beam|sample]", "--device [auto|cpu|cuda]",
+                        "--format [text|jsonl]", "Input and output:", "Model:", "Decoding:"]:
+        assert placeholder in shown, placeholder
+    assert "<" not in shown.replace("<<", "")  # no typer type labels such as <list[str]>
+    assert "the model's (en-de" in shown
+    assert run("help").stdout == shown and run("--help").stdout == shown
+    assert "Train a model" in run("help", "train").stdout
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("translate ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "No such option: --bogus"),
+    (["-b", "x", "hi"], "Invalid value for '--beam-size'"),
+    (["-s"], "requires an argument"),
+    (["--device", "tpu", "hi"], "unknown device 'tpu'"),
+])
+def test_parser_errors_are_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")

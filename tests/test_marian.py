@@ -19,7 +19,8 @@ sentencepiece = pytest.importorskip("sentencepiece")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from cli.main import app, with_model_defaults  # noqa: E402
+from cli.main import app  # noqa: E402
+from core.search import with_defaults as with_model_defaults  # noqa: E402
 from core import checkpoint, hub, marian  # noqa: E402
 from core.errors import ModelError, ModelNotFound, UsageError  # noqa: E402
 from core.generate import generate  # noqa: E402
@@ -442,8 +443,8 @@ def test_cli_hub_id_with_the_environment_variables(hf_cache, marian_dir, tmp_pat
         [sys.executable, "-m", "cli.main", "-m", REPO, "-s", "greedy", ENGLISH[0]], env=env,
         capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
     assert result.returncode == 0, result.stderr
-    translator = Translator.load(str(marian_dir), device="cpu")
-    assert result.stdout == translator.translate([ENGLISH[0]], max_length=MAX_LENGTH)[0] + "\n"
+    translator = Translator.load(str(marian_dir), device="cpu")  # the model's defaults, as the CLI
+    assert result.stdout == translator.translate([ENGLISH[0]], strategy="greedy")[0] + "\n"
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -470,9 +471,8 @@ def test_cli_translates_a_marian_directory(marian_dir, flags, options):
 def test_cli_to_language(marian_dir, model_dir):
     result = run("-m", marian_dir, "--to", "fra", "-s", "greedy", ENGLISH[0])
     assert result.exit_code == 0, result.stderr
-    translator = Translator.load(str(marian_dir), device="cpu")
-    translator.tokenizer = translator.tokenizer.with_target_language("fra")
-    assert result.stdout == translator.translate([ENGLISH[0]], max_length=MAX_LENGTH)[0] + "\n"
+    translator = Translator.load(str(marian_dir), device="cpu", to="fra")
+    assert result.stdout == translator.translate([ENGLISH[0]], strategy="greedy")[0] + "\n"
     for model, to, message in [(marian_dir, "xx", "unknown target language 'xx'"),
                                (model_dir, "fra", "only for multilingual models")]:
         result = run("-m", model, "--to", to, "Hello")

