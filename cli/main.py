@@ -100,14 +100,15 @@ def group(version: Annotated[bool, typer.Option(
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", metavar="NAME|DIR|ID", help="Checkpoint directory, Marian directory (Hugging Face layout), "
-                          "embedded model name, or Hugging Face Hub id OWNER/NAME "
-                          "[default: en-de].")]
+    "--model", "-m", metavar="NAME|DIR|ID",
+    help="Embedded model name (en-de, de-en), checkpoint directory, Marian directory (Hugging "
+         "Face layout), or Hugging Face Hub id OWNER/NAME [default: en-de].")]
 Revision = Annotated[Optional[str], typer.Option(
-    metavar="REV", help="Branch, tag or commit of a Hub model [default: main].", show_default=False)]
-To = Annotated[Optional[str], typer.Option(
-    "--to", metavar="LANG", help="Target language of a multilingual model, e.g. fra (adds >>fra<<).",
+    metavar="REV", help="Branch, tag or commit of a Hub model [default: main].",
     show_default=False)]
+To = Annotated[Optional[str], typer.Option(
+    "--to", metavar="LANG", show_default=False,
+    help="Target language of a multilingual model, e.g. fra (adds >>fra<<).")]
 Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
 BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
 Dtype = Annotated[str, typer.Option(
@@ -116,18 +117,12 @@ Dtype = Annotated[str, typer.Option(
 
 
 def load_translator(model, revision, to, device, dtype, batch_size):
-    """The Translator for -m/--revision/--to, and the decoding settings the model suggests."""
+    """The Translator for -m/--revision/--to; translator.options(**flags) then decodes as the
+    model suggests where the flags are silent, as the Python API does."""
     from core.translator import Translator
 
-    translator = Translator.load(model, device=device, dtype=dtype, revision=revision, to=to,
-                                 batch_size=batch_size)
-    return translator, translator.defaults
-
-
-def with_defaults(flags: dict, defaults: dict) -> dict:
-    from core.search import with_defaults
-
-    return with_defaults(flags, defaults)
+    return Translator.load(model, device=device, dtype=dtype, revision=revision, to=to,
+                           batch_size=batch_size)
 
 
 def warn_split(line: int, pieces: int) -> None:
@@ -194,13 +189,13 @@ def translate_command(
             raise UsageError(f"unknown format '{fmt}'; use text or jsonl")
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         opt.check_placement(device, dtype)
-        check_output(output)  # before the model loads: a bad -o costs nothing
+        check_output(output)  # before torch and the model load: a bad -o costs nothing
+        flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            translator, defaults = load_translator(model, revision, to, device, dtype, batch_size)
-            decoding = opt.decode_options(**with_defaults(flags, defaults))
+            translator = load_translator(model, revision, to, device, dtype, batch_size)
+            decoding = translator.options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
                     and decoding.n_best == 1)
@@ -301,8 +296,8 @@ def eval_command(
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        translator, defaults = load_translator(model, revision, to, device, dtype, batch_size)
-        decoding = opt.decode_options(**with_defaults(flags, defaults))
+        translator = load_translator(model, revision, to, device, dtype, batch_size)
+        decoding = translator.options(**flags)
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]
         seconds = time.perf_counter() - start

@@ -10,14 +10,16 @@ from dataclasses import dataclass, field
 import torch
 
 from core import checkpoint, segment
-from core.segment import loops, safe
 from core.generate import generate
 from core.model import Transformer
 from core.search import DecodeOptions, Strategy, combine, with_defaults
+from core.segment import loops, safe
 from core.tokenizer import Tokenizer
 
-
+# where an over-long sentence is cut first (then at spaces)
 SENTENCE_END = re.compile(r"(?<=[.!?;:\u2026\u3002\uff01\uff1f])\s+")
+
+
 @dataclass
 class Candidate:
     text: str
