@@ -151,18 +151,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show-failures", action="store_true")
     args = parser.parse_args(argv)
 
-    from core import checkpoint
+    from core import models
     from core.config import ModelConfig
     from core.translator import Translator
 
-    path = checkpoint.resolve(args.model)
-    lang = ModelConfig.load(path / checkpoint.CONFIG).source_lang or "en"
+    path = models.resolve(args.model)
+    lang = ModelConfig.load(path / "config.json").source_lang or "en"
     items = make(lang, args.n)
     if args.write:
         with open(args.write, "w", encoding="utf-8") as f:
             f.writelines(s + "\n" for s, _ in items)
         return
-    ckpt = checkpoint.load(args.model, "cpu", dtype=args.dtype)
+    ckpt = models.load(args.model, "cpu", dtype=args.dtype)
     outputs = Translator(ckpt.model, ckpt.tokenizer).translate(
         [s for s, _ in items], **ckpt.generation)
     seen, kept, whole = score(items, outputs)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import core.translator
-    from core import checkpoint
+    from core import models
     from core.translator import Translator
 
     with gzip.open(TATOEBA, "rt", encoding="utf-8") as f:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(1)
     singles = rng.sample(pool, args.lines)
     paragraphs = [" ".join(rng.sample(pool, rng.randint(3, 6))) for _ in range(args.lines)]
-    ckpt = checkpoint.load(args.model, "cpu")
+    ckpt = models.load(args.model, "cpu")
     translator = Translator(ckpt.model, ckpt.tokenizer)
     options = ckpt.generation
     print(f"code: {core.translator.__file__}; model {args.model}, decoding {options}")

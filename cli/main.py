@@ -229,7 +229,7 @@ def models_command(debug: Debug = False) -> None:
         import json
 
         from core import hub
-        from core.checkpoint import DEFAULT_MODEL, available_models, checkpoints_dir
+        from core.models import DEFAULT_MODEL, available_models, checkpoints_dir
 
         found = available_models()
         if not found:

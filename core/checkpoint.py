@@ -3,13 +3,12 @@ source_tokenizer.json + target_tokenizer.json when the two sides differ, as in M
 and optionally generation.json, the decoding settings the model was published with.
 
 Nothing pickled is ever read: weights are safetensors, checked against the config before any
-tensor is loaded. `-m` also takes Marian directories in Hugging Face layout and Hugging Face
-Hub ids; core.hub converts those once into checkpoint directories in a per-user cache."""
+tensor is loaded. This is the format layer: it knows nothing of where models come from (names,
+the Hub, Marian directories: core.models)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import checkpoints
 from core import precision
 from core.config import ModelConfig
 from core.errors import DeviceError, ModelError, ModelNotFound, UsageError
@@ -29,7 +27,6 @@ from core.tokenizer import Tokenizer
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 SOURCE_TOKENIZER, TARGET_TOKENIZER = "source_tokenizer.json", "target_tokenizer.json"
 GENERATION = "generation.json"
-DEFAULT_MODEL = "en-de"
 
 
 @dataclass
@@ -39,56 +36,6 @@ class Checkpoint:
     config: ModelConfig
     path: Path
     generation: dict = field(default_factory=dict)  # DecodeOptions fields the model suggests
-
-
-def checkpoints_dir() -> Path:
-    """The embedded models: `checkpoints/` in the source tree or in the installed wheel."""
-    return Path(checkpoints.__file__).parent
-
-
-def available_models() -> list[Path]:
-    root = checkpoints_dir()
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file())
-
-
-def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
-    """The checkpoint directory for -m: a directory path, the name of an embedded model
-    (default: en-de), or a Hugging Face Hub id OWNER/NAME at `revision` (default main).
-
-    An existing path always wins over a Hub id. A directory in Hugging Face Marian layout, and
-    a Hub model, are converted once into the cache and that copy is returned."""
-    from core import hub, marian
-
-    name = name_or_path or DEFAULT_MODEL
-    path = Path(name).expanduser()
-    if revision is not None and (path.exists() or not hub.is_hub_id(name)):
-        raise UsageError(f"--revision applies to Hugging Face Hub ids (OWNER/NAME), not '{name}'")
-    if path.is_dir():
-        kind = marian.hf_model_type(path)
-        if kind is None:
-            return path
-        if kind != "marian":
-            raise ModelError(f"{path} holds a Hugging Face '{kind}' model; only Marian models "
-                             "(model_type marian) can be imported")
-        return hub.local(path)
-    embedded = checkpoints_dir() / name
-    if "/" not in name and (embedded / CONFIG).is_file():
-        return embedded
-    if not path.exists() and hub.is_hub_id(name):
-        try:
-            return hub.resolve(name, revision)
-        except ModelNotFound as exc:  # it may have been meant as a path
-            raise ModelNotFound(f"no model directory '{name}' here, and {exc}") from None
-    if name_or_path is None:
-        raise ModelNotFound(f"the default model '{DEFAULT_MODEL}' is not installed in "
-                            f"{checkpoints_dir()}; pass -m DIR with a checkpoint directory")
-    if path.exists():
-        raise ModelNotFound(f"{name} is a file, not a model directory")
-    known = [p.name for p in available_models()]
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(close)}?" if close else (
-        f"; known models: {', '.join(known)}" if known else "")
-    raise ModelNotFound(f"no model directory or embedded model named '{name}'{hint}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -159,10 +106,12 @@ def read_generation(path: Path) -> dict:
     return data
 
 
-def load(name_or_path: str | None = None, device: str = "auto", *,
-         revision: str | None = None, dtype: str = "float32") -> Checkpoint:
-    """Resolve and read a model for inference in `dtype` (see core.precision)."""
-    path = resolve(name_or_path, revision)
+def load(path: str | Path, device: str = "auto", *, dtype: str = "float32") -> Checkpoint:
+    """Read the checkpoint directory `path` for inference in `dtype` (see core.precision).
+    Names, Marian directories and Hub ids are core.models' business."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFound(f"no model directory {path}")
     target = pick_device(device)
     precision.check(dtype, target)
     try:

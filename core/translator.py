@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core import checkpoint, segment
+from core import models, segment
 from core.generate import generate
 from core.model import Transformer
 from core.search import DecodeOptions, Strategy, combine, with_defaults
@@ -75,7 +75,7 @@ class Translator:
         """A model by name, path or Hub id (see `translate -m`), on `device` in `dtype`; `to`
         picks the target language of a multilingual model. It decodes as the model suggests
         (its generation.json) unless told otherwise, as the CLI does."""
-        ckpt = checkpoint.load(model, device, revision=revision, dtype=dtype)
+        ckpt = models.load(model, device, revision=revision, dtype=dtype)
         translator = cls(ckpt.model, ckpt.tokenizer, batch_size=batch_size,
                          defaults=ckpt.generation)
         if to is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core import checkpoint
+from core import checkpoint, models
 from core.config import ModelConfig
 from core.errors import DeviceError, ModelError, ModelNotFound
 
@@ -63,10 +63,10 @@ def test_unknown_name_suggests_close_ones(monkeypatch, tmp_path, model_dir):
     root = tmp_path / "ckpts"
     root.mkdir()
     copy_dir(model_dir, root / "en-de")
-    monkeypatch.setattr(checkpoint, "checkpoints_dir", lambda: root)
-    assert checkpoint.resolve("en-de") == root / "en-de"
+    monkeypatch.setattr(models, "checkpoints_dir", lambda: root)
+    assert models.resolve("en-de") == root / "en-de"
     with pytest.raises(ModelNotFound, match="did you mean en-de"):
-        checkpoint.resolve("en_de")
+        models.resolve("en_de")
 
 
 def test_cuda_where_there_is_none(monkeypatch):

@@ -125,9 +125,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_models_lists_embedded_checkpoints(monkeypatch, model_dir):
-    from core import checkpoint
+    from core import models
 
-    monkeypatch.setattr(checkpoint, "checkpoints_dir", lambda: model_dir.parent)
+    monkeypatch.setattr(models, "checkpoints_dir", lambda: model_dir.parent)
     result = run("models")
     assert result.exit_code == 0
     assert result.stdout.startswith("tiny-en-de\t")

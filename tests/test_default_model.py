@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from core import checkpoint
+from core import models
 from core.translator import Translator
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def translator(request):
 
 @pytest.mark.parametrize("name", ["en-de", "de-en"])
 def test_models_are_installed_and_small(name):
-    path = checkpoint.resolve(name)
+    path = models.resolve(name)
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size <= 60e6, f"{path} holds {size / 1e6:.1f} MB"
     for card in ("MODEL_CARD.md", "train.toml", "generation.json"):

@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cli.main import app  # noqa: E402
 from core.search import with_defaults as with_model_defaults  # noqa: E402
-from core import checkpoint, hub, marian  # noqa: E402
+from core import checkpoint, hub, marian, models  # noqa: E402
 from core.errors import ModelError, ModelNotFound, UsageError  # noqa: E402
 from core.generate import generate  # noqa: E402
 from core.search import BeamSearch, Sampling  # noqa: E402
@@ -126,7 +126,7 @@ def hf_tokenizer(marian_dir):
 
 @pytest.fixture(scope="module")
 def ours(marian_dir):
-    return checkpoint.load(str(marian_dir), device="cpu")
+    return models.load(str(marian_dir), device="cpu")
 
 
 def batch(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +301,7 @@ def test_pytorch_bin_goes_through_weights_only_load(marian_dir, hf_model, ours, 
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
-    loaded = checkpoint.load(str(path), device="cpu")
+    loaded = models.load(str(path), device="cpu")
     assert [kw.get("weights_only") for kw in calls] == [True]
     for name, tensor in ours.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
@@ -316,7 +316,7 @@ def test_pickled_code_is_refused(marian_dir, tmp_path):
     Exploit.marker = tmp_path / "pwned"
     path = bin_copy(marian_dir, tmp_path, {"model.shared.weight": Exploit()})
     with pytest.raises(ModelError, match="cannot be read as plain tensors"):
-        checkpoint.load(str(path), device="cpu")
+        models.load(str(path), device="cpu")
     assert not Exploit.marker.exists()
 
 
@@ -325,7 +325,7 @@ def test_positions_that_are_not_sinusoids_are_refused(marian_dir, hf_model, tmp_
     state["model.encoder.embed_positions.weight"] = torch.zeros_like(
         state["model.encoder.embed_positions.weight"])
     with pytest.raises(ModelError, match="not Marian's sinusoids"):
-        checkpoint.load(str(bin_copy(marian_dir, tmp_path, state)), device="cpu")
+        models.load(str(bin_copy(marian_dir, tmp_path, state)), device="cpu")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -340,7 +340,7 @@ def test_unsupported_marian_configs_are_clear_errors(marian_dir, tmp_path, chang
     config = json.loads((path / "config.json").read_text()) | change
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=message):
-        checkpoint.load(str(path), device="cpu")
+        models.load(str(path), device="cpu")
 
 
 # ---- the cache of converted copies -----------------------------------------------------------
@@ -350,18 +350,18 @@ def test_converted_copy_reloads_without_the_original(marian_dir, ours, monkeypat
         raise AssertionError("converted again")
 
     monkeypatch.setattr(marian, "convert", no)
-    assert checkpoint.resolve(str(marian_dir)) == ours.path
-    again = checkpoint.load(str(marian_dir), device="cpu")
+    assert models.resolve(str(marian_dir)) == ours.path
+    again = models.load(str(marian_dir), device="cpu")
     assert torch.equal(again.model.embed.weight, ours.model.embed.weight)
 
 
 def test_a_changed_directory_is_converted_again(marian_dir, tmp_path, ours):
     path = tmp_path / "opus-mt-en-de"
     shutil.copytree(marian_dir, path)
-    first = checkpoint.resolve(str(path))
+    first = models.resolve(str(path))
     assert first != ours.path  # another directory, another copy
     os.utime(path / "vocab.json", ns=(1, 1))
-    assert checkpoint.resolve(str(path)) != first
+    assert models.resolve(str(path)) != first
 
 
 @pytest.fixture
@@ -381,25 +381,25 @@ def hf_cache(tmp_path, marian_dir, monkeypatch):
 
 
 def test_hub_id_loads_offline_from_the_hugging_face_cache(hf_cache, ours):
-    loaded = checkpoint.load(REPO, device="cpu")
+    loaded = models.load(REPO, device="cpu")
     assert loaded.path == hub.hub_dir(REPO, "main")
     assert hub.read_origin(loaded.path) == {"repo": REPO, "revision": "main", "commit": COMMIT}
     assert torch.equal(loaded.model.embed.weight, ours.model.embed.weight)
     shutil.rmtree(hf_cache)  # the converted copy no longer needs the original files
-    again = checkpoint.load(REPO, device="cpu")
+    again = models.load(REPO, device="cpu")
     assert torch.equal(again.model.logits_bias, ours.model.logits_bias)
 
 
 def test_each_revision_has_its_own_copy(hf_cache):
     refs = hf_cache / f"models--{REPO.replace('/', '--')}" / "refs"
     (refs / "v1").write_text(COMMIT)
-    path = checkpoint.resolve(REPO, revision="v1")
+    path = models.resolve(REPO, revision="v1")
     assert path == hub.hub_dir(REPO, "v1") != hub.hub_dir(REPO, "main")
     assert hub.read_origin(path)["revision"] == "v1"
     listed = run("models").stdout
     assert f"{REPO}\ten->de\t" in listed and f"{path}  (--revision v1)" in listed
     with pytest.raises(ModelNotFound, match="cache lacks"):
-        checkpoint.resolve(REPO, revision="v2")
+        models.resolve(REPO, revision="v2")
 
 
 def test_hub_id_without_cache_or_network_is_one_line(tmp_path, monkeypatch):
@@ -408,7 +408,7 @@ def test_hub_id_without_cache_or_network_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE is set"):
-        checkpoint.resolve(REPO)
+        models.resolve(REPO)
     result = run("-m", REPO, "Hello")
     assert result.exit_code == 3 and result.stdout == ""
     assert result.stderr.startswith(f"error: no model directory '{REPO}' here, and the Hugging "
@@ -423,7 +423,7 @@ def test_hub_id_unreachable_hub_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(ModelNotFound, match="the Hub cannot be reached"):
-        checkpoint.resolve(REPO)
+        models.resolve(REPO)
 
 
 def test_download_and_models_list(hf_cache):
