@@ -26,7 +26,7 @@ class DefaultCommand(TyperCommand):
     its options in groups."""
 
     SECTIONS = {"Input and output": ["input", "output", "fmt"],
-                "Model": ["model", "revision", "to", "device", "dtype", "batch_size"],
+                "Model": ["model", "source", "to", "revision", "device", "dtype", "batch_size"],
                 "Decoding": list(opt.FLAGS)}
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -106,9 +106,13 @@ Model = Annotated[Optional[str], typer.Option(
 Revision = Annotated[Optional[str], typer.Option(
     metavar="REV", help="Branch, tag or commit of a Hub model [default: main].",
     show_default=False)]
+From = Annotated[Optional[str], typer.Option(
+    "--from", "-f", metavar="LANG", show_default=False,
+    help="Source language (de, deu, ...): picks the installed model for it unless -m.")]
 To = Annotated[Optional[str], typer.Option(
-    "--to", metavar="LANG", show_default=False,
-    help="Target language of a multilingual model, e.g. fra (adds >>fra<<).")]
+    "--to", "-t", metavar="LANG", show_default=False,
+    help="Target language: picks the installed model for it unless -m; with a multilingual "
+         "model, its target (adds >>fra<< for fra).")]
 Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
 BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
 Dtype = Annotated[str, typer.Option(
@@ -116,13 +120,15 @@ Dtype = Annotated[str, typer.Option(
     help="Precision; int8 (quantized linear layers) is the fastest on a CPU.")]
 
 
-def load_translator(model, revision, to, device, dtype, batch_size):
-    """The Translator for -m/--revision/--to; translator.options(**flags) then decodes as the
-    model suggests where the flags are silent, as the Python API does."""
+def load_translator(model, revision, source, to, device, dtype, batch_size):
+    """The Translator for -m/--revision/--from/--to; translator.options(**flags) then decodes
+    as the model suggests where the flags are silent, as the Python API does."""
+    from core.models import pick
     from core.translator import Translator
 
-    return Translator.load(model, device=device, dtype=dtype, revision=revision, to=to,
-                           batch_size=batch_size)
+    chosen = pick(model, source, to)
+    return Translator.load(chosen, device=device, dtype=dtype, revision=revision,
+                           to=to if model is not None else None, batch_size=batch_size)
 
 
 def warn_split(line: int, pieces: int) -> None:
@@ -172,6 +178,7 @@ def translate_command(
         "when complete; a FIFO or device is written as a stream; - is stdout.")] = None,
     model: Model = None,
     revision: Revision = None,
+    source: From = None,
     to: To = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -194,7 +201,7 @@ def translate_command(
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            translator = load_translator(model, revision, to, device, dtype, batch_size)
+            translator = load_translator(model, revision, source, to, device, dtype, batch_size)
             decoding = translator.options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
@@ -222,27 +229,61 @@ def translate_command(
         report_invalid(invalid)
 
 
-@app.command("models")
-def models_command(debug: Debug = False) -> None:
-    """List the models that -m accepts by name: embedded ones, then converted Marian models."""
+models_app = typer.Typer(help="List the models -m accepts by name; remove cached ones.")
+app.add_typer(models_app, name="models")
+COLUMNS = ("name", "languages", "size", "precision", "where", "decoding", "path")
+
+
+@models_app.callback(invoke_without_command=True)
+def models_command(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list, every field.")] = False,
+    debug: Debug = False,
+) -> None:
+    """List the installed models: embedded ones, then converted Marian models in the cache. A
+    table on a terminal; tab-separated lines with a header on a pipe; --json."""
+    if ctx.invoked_subcommand is not None:
+        return
     with fail(debug):
         import json
 
-        from core import hub
-        from core.models import DEFAULT_MODEL, available_models, checkpoints_dir
+        from core.models import checkpoints_dir, installed
 
-        found = available_models()
+        found = installed()
         if not found:
             err().print(f"no models installed in {checkpoints_dir()}")
-        entries = [(p.name, p, "  (default)" if p.name == DEFAULT_MODEL else "") for p in found]
-        for name, path, note in entries + hub.cached_models():
-            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
-            pair = f"{cfg.get('source_lang') or '?'}->{cfg.get('target_lang') or '?'}"
-            gen = path / "generation.json"
-            decoding = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else {}
-            shown = ", ".join(f"{k} {v}" for k, v in decoding.items()) or "greedy"
-            print(f"{name}\t{pair}\t{size:.1f} MB\t{shown}\t{path}{note}")
+        if as_json:
+            print(json.dumps([dict(vars(m), path=str(m.path)) for m in found], indent=2))
+            return
+        tty = sys.stdout.isatty()
+        rows = [(m.name + (" (default)" if m.default and tty else ""), f"{m.source}->{m.target}",
+                 f"{m.size_mb:.1f} MB", m.precision, m.where,
+                 ", ".join(f"{k} {v}" for k, v in m.decoding.items()) or "greedy", str(m.path))
+                for m in found]
+        if tty:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(*COLUMNS, highlight=False)
+            for row in rows:
+                table.add_row(*row)
+            Console(markup=False, highlight=False).print(table)
+        else:
+            for row in [COLUMNS, *rows]:
+                print("\t".join(row))
+
+
+@models_app.command("remove")
+def models_remove(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A cached model's name or path.",
+                                        show_default=False)],
+    debug: Debug = False,
+) -> None:
+    """Delete a converted model from the cache (embedded models stay)."""
+    with fail(debug):
+        from core.models import remove
+
+        err().print(f"removed {remove(name)}")
 
 
 @app.command("download")
@@ -271,6 +312,7 @@ def eval_command(
     ref: Annotated[Path, typer.Option(help="Reference translations, line-aligned with --src.")],
     model: Model = None,
     revision: Revision = None,
+    source: From = None,
     to: To = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -296,7 +338,7 @@ def eval_command(
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        translator = load_translator(model, revision, to, device, dtype, batch_size)
+        translator = load_translator(model, revision, source, to, device, dtype, batch_size)
         decoding = translator.options(**flags)
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]

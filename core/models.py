@@ -11,11 +11,15 @@ Imports point down: models -> hub -> marian -> checkpoint -> model."""
 from __future__ import annotations
 
 import difflib
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoints
 from core import checkpoint, hub, marian
 from core.checkpoint import CONFIG, Checkpoint
+from core.data import ISO3
 from core.errors import ModelError, ModelNotFound, UsageError
 
 DEFAULT_MODEL = "en-de"
@@ -73,3 +77,104 @@ def load(name_or_path: str | None = None, device: str = "auto", *,
          revision: str | None = None, dtype: str = "float32") -> Checkpoint:
     """Resolve `-m` (see resolve) and read the model for inference in `dtype`."""
     return checkpoint.load(resolve(name_or_path, revision), device, dtype=dtype)
+
+
+# ---- what is installed -------------------------------------------------------------------
+
+@dataclass
+class Installed:
+    """A model `-m NAME` can load without the network."""
+
+    name: str  # what -m takes
+    path: Path
+    source: str  # language codes from its config ("?" where it has none)
+    target: str
+    size_mb: float
+    precision: str  # of the stored weights
+    where: str  # embedded | hub (", --revision X" if not main) | local (a Marian directory)
+    decoding: dict  # its generation.json
+    default: bool = False
+
+
+def installed() -> list[Installed]:
+    """Embedded models first, then the converted Marian models in the cache."""
+    entries = [(p.name, p, "embedded") for p in available_models()]
+    for name, path, note in hub.cached_models():  # note: "  (--revision X)" or a local copy
+        where = "local" if "local" in note else "hub" + note.replace("  (", ", ").rstrip(")")
+        entries.append((name, path, where))
+    found = []
+    for name, path, where in entries:
+        try:
+            cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+            decoding = checkpoint.read_generation(path)
+        except (OSError, ValueError, ModelError):
+            continue  # a broken directory is not a model one can use
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+        found.append(Installed(name, path, cfg.get("source_lang") or "?",
+                               cfg.get("target_lang") or "?", round(size, 1),
+                               stored_precision(path / checkpoint.WEIGHTS), where, decoding,
+                               default=where == "embedded" and name == DEFAULT_MODEL))
+    return found
+
+
+def stored_precision(weights: Path) -> str:
+    """The dtype of the stored weights, from the safetensors header alone."""
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    try:
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError):
+        return "?"
+    kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return "/".join(sorted(names.get(k, k) for k in kinds)) or "?"
+
+
+def language(code: str) -> str:
+    """A language code as our configs spell it: ISO 639-1 where there is one (deu -> de)."""
+    code = code.strip().lower()
+    return next((two for two, three in ISO3.items() if three == code), code)
+
+
+def find(source: str, target: str) -> Installed:
+    """The installed model for a language pair (embedded first), or a ModelNotFound that
+    lists what is installed."""
+    source, target = language(source), language(target)
+    models = installed()
+    for model in models:
+        if (language(model.source), language(model.target)) == (source, target):
+            return model
+    have = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in models) or "none"
+    raise ModelNotFound(f"no installed model translates {source} to {target}; installed: {have}")
+
+
+def remove(name: str) -> Path:
+    """Delete a converted copy in the cache; embedded models are part of the package."""
+    for model in installed():
+        if model.name == name or str(model.path) == name:
+            if model.where == "embedded":
+                raise UsageError(f"{name} is embedded in the package; it cannot be removed")
+            shutil.rmtree(model.path)
+            return model.path
+    cached = [m.name for m in installed() if m.where != "embedded"]
+    raise ModelNotFound(f"no converted model named '{name}' in the cache"
+                        + (f"; cached: {', '.join(cached)}" if cached else ""))
+
+
+def pick(model: str | None, source: str | None = None, target: str | None = None) -> str | None:
+    """What to load for -m, -f/--from and -t/--to: -m wins; else the installed model for the
+    languages given (embedded first); None for the default model."""
+    if model is not None or (source is None and target is None):
+        return model
+    fits = [m for m in installed()
+            if (source is None or language(m.source) == language(source))
+            and (target is None or language(m.target) == language(target))]
+    if source is not None and target is not None and not fits:
+        find(source, target)  # raises, listing what is installed
+    if not fits:
+        have = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in installed()) or "none"
+        side = f"from {language(source)}" if source else f"into {language(target)}"
+        raise ModelNotFound(f"no installed model translates {side}; installed: {have}")
+    if len({language(m.source) for m in fits}) > 1 or len({language(m.target) for m in fits}) > 1:
+        names = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in fits)
+        raise UsageError(f"several models fit ({names}); give both --from and --to")
+    return str(fits[0].path)

@@ -78,7 +78,7 @@ class Translator:
         ckpt = models.load(model, device, revision=revision, dtype=dtype)
         translator = cls(ckpt.model, ckpt.tokenizer, batch_size=batch_size,
                          defaults=ckpt.generation)
-        if to is not None:
+        if to is not None and models.language(to) != models.language(ckpt.config.target_lang or ""):
             translator.tokenizer = translator.tokenizer.with_target_language(to)
         return translator
 

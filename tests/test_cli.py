@@ -130,7 +130,7 @@ def test_models_lists_embedded_checkpoints(monkeypatch, model_dir):
     monkeypatch.setattr(models, "checkpoints_dir", lambda: model_dir.parent)
     result = run("models")
     assert result.exit_code == 0
-    assert result.stdout.startswith("tiny-en-de\t")
+    assert result.stdout.splitlines()[1].startswith("tiny-en-de\t")
 
 
 def test_help_lists_flags_and_subcommands():
@@ -170,3 +170,44 @@ def test_parser_errors_are_one_line_and_exit_2(args, message):
     result = run(*args)
     assert result.exit_code == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+@pytest.fixture
+def two_models(monkeypatch, tmp_path, model, tokenizer):
+    """An embedded en-de and de-en (tiny), and nothing in the cache."""
+    from core import checkpoint, models
+
+    root = tmp_path / "embedded"
+    kept = model.cfg.source_lang, model.cfg.target_lang  # the shared fixture, put back after
+    for src, tgt in [("en", "de"), ("de", "en")]:
+        model.cfg.source_lang, model.cfg.target_lang = src, tgt
+        checkpoint.save(model, tokenizer, root / f"{src}-{tgt}")
+    model.cfg.source_lang, model.cfg.target_lang = kept
+    monkeypatch.setattr(models, "checkpoints_dir", lambda: root)
+    return root
+
+
+def test_models_on_a_pipe_and_as_json(two_models):
+    lines = run("models").stdout.splitlines()
+    assert lines[0].split("\t") == ["name", "languages", "size", "precision", "where",
+                                    "decoding", "path"]
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["de-en", "de->en"], ["en-de", "en->de"]]
+    records = json.loads(run("models", "--json").stdout)
+    assert {r["name"]: r["where"] for r in records} == {"de-en": "embedded", "en-de": "embedded"}
+    assert records[0]["precision"] == "float32"
+    removed = run("models", "remove", "en-de")
+    assert removed.exit_code == 2 and "embedded" in removed.stderr
+
+
+def test_from_and_to_pick_the_model(two_models):
+    from core import models
+
+    assert models.pick(None, "deu", "en") == str(two_models / "de-en")
+    assert models.pick(None, "de") == str(two_models / "de-en")
+    assert models.pick(None, None, "de") == str(two_models / "en-de")
+    assert models.pick("x", "de", "en") == "x"  # -m wins
+    missing = run("-f", "fr", "-t", "de", "Bonjour")
+    assert missing.exit_code == 3
+    assert "no installed model translates fr to de; installed: de-en (de->en), en-de" in missing.stderr
+    ok = run("-f", "de", "--max-length", "4", "Hallo")
+    assert ok.exit_code == 0 and ok.stdout.count("\n") == 1
