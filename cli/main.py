@@ -131,6 +131,35 @@ def load_translator(model, revision, source, to, device, dtype, batch_size):
                            to=to if model is not None else None, batch_size=batch_size)
 
 
+def make_router(model, revision, source, to, device, dtype, batch_size):
+    """The Router for the translate command: -m or --from fix the model (lines in another
+    language get a warning); otherwise each line goes to the installed model for its detected
+    language, and with --to a line already in that language is passed through."""
+    from core import hub, models
+    from core.detect import Detector
+    from core.route import Router
+    from core.translator import Translator
+
+    def load(path):
+        return Translator.load(path, device=device, dtype=dtype,
+                               revision=revision if path == model else None,
+                               to=to if model is not None else None, batch_size=batch_size)
+
+    fixed = model is not None or source is not None
+    if fixed:
+        default, table = models.pick(model, source, to), {}
+    else:
+        table = models.routes(to)
+        if not table:
+            models.pick(None, None, to)  # raises: nothing translates into it, and what is there
+        default = table.get("en", next(iter(table.values())))  # unsure: as the default model
+    languages = set(models.languages()) | ({models.language(to)} if to else set())
+    detector = Detector(sorted(languages), hub.cache_root()) if len(languages) > 1 else None
+    return Router(load, table, default or models.DEFAULT_MODEL,
+                  detect=detector.detect if detector else None,
+                  target=models.language(to) if to and not fixed else None, fixed=fixed)
+
+
 def warn_split(line: int, pieces: int) -> None:
     err().print(f"warning: line {line} is longer than the model reads at once; translated in "
               f"{pieces} pieces")
@@ -201,8 +230,8 @@ def translate_command(
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            translator = load_translator(model, revision, source, to, device, dtype, batch_size)
-            decoding = translator.options(**flags)
+            router = make_router(model, revision, source, to, device, dtype, batch_size)
+            decoding = router.translator(router.default).options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
                     and decoding.n_best == 1)
@@ -212,17 +241,25 @@ def translate_command(
 
                     console = Console(highlight=False, soft_wrap=True)
                     for line in lines:
-                        stream_to_terminal(console, translator.stream(line, **vars(decoding)))
+                        path, notes = router.route(line)
+                        for note in notes:
+                            err().print(f"warning: {note}")
+                        if path is None:
+                            console.print(line, markup=False)
+                            continue
+                        translator = router.translator(path)
+                        options = translator.options(**flags)
+                        stream_to_terminal(console, translator.stream(line, **vars(options)))
                 else:
                     sources, queued = itertools.tee(lines)
-                    results = translator.iter_translate(queued, decoding, on_split=warn_split,
-                                                        ready=lines.ready)
+                    results = router.iter_translate(queued, flags, on_split=warn_split,
+                                                    ready=lines.ready)
                     total = count_lines(input) if input is not None else None
                     bar = sys.stderr.isatty() and not text
                     warn = Warnings()
                     with progress_bar(err, total, enabled=bar) as advance:
-                        for number, (source, nbest) in enumerate(zip(sources, results), 1):
-                            write_line(out, format_result(source, nbest, fmt, decoding.n_best))
+                        for number, (line, nbest) in enumerate(zip(sources, results), 1):
+                            write_line(out, format_result(line, nbest, fmt, decoding.n_best))
                             warn(number, nbest[0].warnings)
                             advance()
                     warn.close()

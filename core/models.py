@@ -178,3 +178,17 @@ def pick(model: str | None, source: str | None = None, target: str | None = None
         names = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in fits)
         raise UsageError(f"several models fit ({names}); give both --from and --to")
     return str(fits[0].path)
+
+
+def routes(target: str | None = None) -> dict[str, str]:
+    """Source language -> the installed model for it (embedded first), into `target` if given."""
+    found: dict[str, str] = {}
+    for m in installed():
+        if target is None or language(m.target) == language(target):
+            found.setdefault(language(m.source), str(m.path))
+    return found
+
+
+def languages() -> list[str]:
+    """Every language an installed model reads or writes."""
+    return sorted({language(x) for m in installed() for x in (m.source, m.target)} - {"?"})

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -177,12 +178,16 @@ def two_models(monkeypatch, tmp_path, model, tokenizer):
     """An embedded en-de and de-en (tiny), and nothing in the cache."""
     from core import checkpoint, models
 
+    from conftest import tiny_model
+
     root = tmp_path / "embedded"
-    kept = model.cfg.source_lang, model.cfg.target_lang  # the shared fixture, put back after
     for src, tgt in [("en", "de"), ("de", "en")]:
-        model.cfg.source_lang, model.cfg.target_lang = src, tgt
-        checkpoint.save(model, tokenizer, root / f"{src}-{tgt}")
-    model.cfg.source_lang, model.cfg.target_lang = kept
+        m = tiny_model(tokenizer.vocab_size, source_lang=src, target_lang=tgt,
+                       final_logits_bias=True)
+        if src == "de":  # tells itself apart: it says "Q" and nothing else
+            with torch.no_grad():
+                m.logits_bias[tokenizer.encode("Q")[0]] = 1e4
+        checkpoint.save(m, tokenizer, root / f"{src}-{tgt}")
     monkeypatch.setattr(models, "checkpoints_dir", lambda: root)
     return root
 
@@ -211,3 +216,35 @@ def test_from_and_to_pick_the_model(two_models):
     assert "no installed model translates fr to de; installed: de-en (de->en), en-de" in missing.stderr
     ok = run("-f", "de", "--max-length", "4", "Hallo")
     assert ok.exit_code == 0 and ok.stdout.count("\n") == 1
+
+
+MIXED = ["A man is riding a bicycle down the street.", "Ein Mann fährt mit dem Fahrrad die Straße "
+         "entlang.", "", "Ok", "Two dogs are playing in the deep snow today."]
+
+
+def test_lines_go_to_the_model_for_their_language(two_models):
+    """No -m, no --from: each line is translated by the model for its detected language; a
+    line too short to judge goes to the default route; one output line per input line."""
+    by_model = {name: Translator.load(str(two_models / name), device="cpu") for name in ("en-de", "de-en")}
+    want = [by_model["de-en" if i == 1 else "en-de"].translate([line], max_length=6)[0]
+            for i, line in enumerate(MIXED)]
+    result = run("--max-length", 6, input="\n".join(MIXED) + "\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == want
+    assert want[1] == "QQQQQQ" and "Q" not in want[0]  # the de-en model took line 2 alone
+
+
+def test_to_passes_lines_already_in_that_language(two_models):
+    result = run("--to", "de", "--max-length", 6, "--format", "jsonl",
+                 input="\n".join(MIXED[:2]) + "\n")
+    records = [json.loads(x) for x in result.stdout.splitlines()]
+    assert records[1]["translation"] == MIXED[1]
+    assert records[1]["warnings"] == ["already in de: passed through"]
+    assert "warning: line 2: already in de: passed through" in result.stderr
+
+
+def test_a_line_in_another_language_than_the_model_reads_is_flagged(two_models):
+    result = run("-m", "en-de", "--max-length", 6, input="\n".join(MIXED[:2]) + "\n")
+    assert result.exit_code == 0 and result.stdout.count("\n") == 2
+    assert "warning: line 2: looks like de" in result.stderr
+    assert "line 1: looks like" not in result.stderr
