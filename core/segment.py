@@ -18,8 +18,8 @@ PROTECTED = re.compile(r"""
   | \b(?:https?|ftp)://[^\s<>"'`]*[^\s<>"'`.,;:!?)\]}]  # URL with a scheme
   | \bwww\.[\w-]+(?:\.[\w-]+)+(?:/[^\s<>"'`]*[^\s<>"'`.,;:!?)\]}])?  # www. URL
   | \b[\w.+-]+@[\w-]+(?:\.[\w-]+)+                      # e-mail address
-  | (?<![\w/.~])(?:~|\.{1,2})?/[\w.+-]+(?:/[\w.+-]+)+/?  # absolute or ./ ~/ path, 2+ parts
-  | (?<![\w/.~])~/[\w.+-]+                              # ~/file
+  | (?<![\w/.~])(?:~|\.{1,2})?(?:/[\w.+-]*[\w+-]){2,}/?  # absolute or ./ ~/ path, 2+ parts
+  | (?<![\w/.~])(?:~|\.{1,2})/[\w.+-]*[\w+-]           # ~/file, ./file
   | \b[A-Za-z]:\\(?:[\w .+-]+\\)*[\w.+-]+               # Windows path
   | (?<![\w/])[\w.-]+(?:/[\w.-]+)+\.[A-Za-z][A-Za-z0-9]{0,4}\b  # relative path with extension
 """, re.X)
@@ -64,21 +64,35 @@ def _segmenter(lang: str):
 
 
 def split(line: str, lang: str) -> list[Sentence]:
-    """The sentences of a line; joining lead + source + trail of all of them gives the line."""
+    """The sentences of a line; joining lead + source + trail of all of them gives the line.
+    Spans are protected before the segmenter sees the line, so "./build/x.bin" or
+    "example.com/a." is never cut at its dots."""
+    masked, spans = protect(line)
     out = []
-    for piece in _segmenter(lang)(line):
+    for piece in _segmenter(lang)(masked):
         lead, core, trail = edges(piece)
         if not core and out:  # whitespace only: belongs to the sentence before
             out[-1].trail += piece
             continue
-        text, spans = protect(core)
-        out.append(Sentence(lead, text, trail, spans))
+        out.append(_renumbered(lead, core, trail, spans))
     rebuilt = "".join(s.lead + s.source + s.trail for s in out)
     if rebuilt != line:  # never lose a character to the segmenter: take the line whole
         lead, core, trail = edges(line)
-        text, spans = protect(core)
-        out = [Sentence(lead, text, trail, spans)]
+        text, own = protect(core)
+        out = [Sentence(lead, text, trail, own)]
     return out
+
+
+def _renumbered(lead: str, core: str, trail: str, spans: list[str]) -> Sentence:
+    """A sentence of the masked line, its placeholders numbered from 1 again."""
+    own: list[str] = []
+
+    def renumber(m: re.Match) -> str:
+        own.append(spans[int(m.group(1)) - 1])
+        return PLACEHOLDER.format(len(own))
+
+    text = re.sub(r"<x(\d+)>", renumber, core) if spans else core
+    return Sentence(lead, text, trail, own)
 
 
 def protect(text: str) -> tuple[str, list[str]]:

@@ -89,6 +89,15 @@ def test_spans_survive_a_real_model_byte_for_byte(model, tokenizer):
     assert out[5:] == ["42", "🙂🙂", "---"]
 
 
+def test_spans_are_protected_before_the_segmenter_cuts():
+    """The segmenter never sees a span: "./build/x.bin" or a URL before a full stop stay whole."""
+    sentences = segment.split("Open ./build/out.bin now. Saved as ./dist/a.tar.gz. See "
+                              "https://example.com/x.", "en")
+    assert [s.spans for s in sentences] == [["./build/out.bin"], ["./dist/a.tar.gz"],
+                                            ["https://example.com/x"]]
+    assert [s.text for s in sentences] == ["Open <x1> now.", "Saved as <x1>.", "See <x1>."]
+
+
 def test_segmentation_keeps_every_character():
     for line in ["  One. Two!  Three?\t", "No end", "Dr. No met Mr. X. Then he left.", " "]:
         rebuilt = "".join(s.lead + s.source + s.trail for s in segment.split(line, "en"))
