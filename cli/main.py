@@ -145,15 +145,16 @@ def make_router(model, revision, source, to, device, dtype, batch_size):
                                revision=revision if path == model else None,
                                to=to if model is not None else None, batch_size=batch_size)
 
+    found = models.installed()  # one scan of the embedded models and the cache
     fixed = model is not None or source is not None
     if fixed:
-        default, table = models.pick(model, source, to), {}
+        default, table = models.pick(model, source, to, found=found), {}
     else:
-        table = models.routes(to)
+        table = models.routes(found, to)
         if not table:
-            models.pick(None, None, to)  # raises: nothing translates into it, and what is there
+            models.pick(None, None, to, found=found)  # raises, listing what is installed
         default = table.get("en", next(iter(table.values())))  # unsure: as the default model
-    languages = set(models.languages()) | ({models.language(to)} if to else set())
+    languages = set(models.languages(found)) | ({models.language(to)} if to else set())
     detector = Detector(sorted(languages), hub.cache_root()) if len(languages) > 1 else None
     return Router(load, table, default or models.DEFAULT_MODEL,
                   detect=detector.detect if detector else None,
@@ -372,6 +373,7 @@ def eval_command(
 
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         opt.check_placement(device, dtype)
+        check_output(hyp)  # before translating: a bad -o costs nothing
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")

@@ -155,8 +155,7 @@ def open_output(path: Path | None) -> Iterator[TextIO]:
     if is_stdout(path):
         yield sys.stdout
         return
-    check_output(path)
-    target = Path(os.path.realpath(path))
+    target = Path(os.path.realpath(path))  # check_output(path) first, before any long work
     if target.exists() and not target.is_file():
         with open(target, "w", encoding="utf-8", newline="\n") as f:
             yield f

@@ -135,60 +135,53 @@ def language(code: str) -> str:
     return next((two for two, three in ISO3.items() if three == code), code)
 
 
-def find(source: str, target: str) -> Installed:
-    """The installed model for a language pair (embedded first), or a ModelNotFound that
-    lists what is installed."""
-    source, target = language(source), language(target)
-    models = installed()
-    for model in models:
-        if (language(model.source), language(model.target)) == (source, target):
-            return model
-    have = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in models) or "none"
-    raise ModelNotFound(f"no installed model translates {source} to {target}; installed: {have}")
+def listing(models: list[Installed]) -> str:
+    return ", ".join(f"{m.name} ({m.source}->{m.target})" for m in models) or "none"
 
 
 def remove(name: str) -> Path:
     """Delete a converted copy in the cache; embedded models are part of the package."""
-    for model in installed():
+    found = installed()
+    for model in found:
         if model.name == name or str(model.path) == name:
             if model.where == "embedded":
                 raise UsageError(f"{name} is embedded in the package; it cannot be removed")
             shutil.rmtree(model.path)
             return model.path
-    cached = [m.name for m in installed() if m.where != "embedded"]
+    cached = [m.name for m in found if m.where != "embedded"]
     raise ModelNotFound(f"no converted model named '{name}' in the cache"
                         + (f"; cached: {', '.join(cached)}" if cached else ""))
 
 
-def pick(model: str | None, source: str | None = None, target: str | None = None) -> str | None:
-    """What to load for -m, -f/--from and -t/--to: -m wins; else the installed model for the
-    languages given (embedded first); None for the default model."""
+def pick(model: str | None, source: str | None = None, target: str | None = None, *,
+         found: list[Installed] | None = None) -> str | None:
+    """What to load for -m, -f/--from and -t/--to: -m wins; else the installed model (of
+    `found`, default: installed()) for the languages given, embedded first; None for the
+    default model. A ModelNotFound lists what is installed."""
     if model is not None or (source is None and target is None):
         return model
-    fits = [m for m in installed()
+    found = installed() if found is None else found
+    fits = [m for m in found
             if (source is None or language(m.source) == language(source))
             and (target is None or language(m.target) == language(target))]
-    if source is not None and target is not None and not fits:
-        find(source, target)  # raises, listing what is installed
     if not fits:
-        have = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in installed()) or "none"
-        side = f"from {language(source)}" if source else f"into {language(target)}"
-        raise ModelNotFound(f"no installed model translates {side}; installed: {have}")
+        side = (f"{language(source)} to {language(target)}" if source and target
+                else f"from {language(source)}" if source else f"into {language(target)}")
+        raise ModelNotFound(f"no installed model translates {side}; installed: {listing(found)}")
     if len({language(m.source) for m in fits}) > 1 or len({language(m.target) for m in fits}) > 1:
-        names = ", ".join(f"{m.name} ({m.source}->{m.target})" for m in fits)
-        raise UsageError(f"several models fit ({names}); give both --from and --to")
+        raise UsageError(f"several models fit ({listing(fits)}); give both --from and --to")
     return str(fits[0].path)
 
 
-def routes(target: str | None = None) -> dict[str, str]:
-    """Source language -> the installed model for it (embedded first), into `target` if given."""
-    found: dict[str, str] = {}
-    for m in installed():
+def routes(found: list[Installed], target: str | None = None) -> dict[str, str]:
+    """Source language -> the model of `found` for it (the first), into `target` if given."""
+    table: dict[str, str] = {}
+    for m in found:
         if target is None or language(m.target) == language(target):
-            found.setdefault(language(m.source), str(m.path))
-    return found
+            table.setdefault(language(m.source), str(m.path))
+    return table
 
 
-def languages() -> list[str]:
-    """Every language an installed model reads or writes."""
-    return sorted({language(x) for m in installed() for x in (m.source, m.target)} - {"?"})
+def languages(found: list[Installed]) -> list[str]:
+    """Every language a model of `found` reads or writes."""
+    return sorted({language(x) for m in found for x in (m.source, m.target)} - {"?"})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from core.detect import MIN_CONFIDENCE
-from core.translator import Candidate, Translator
+from core.translator import Candidate, Translator, chunks
 
 WARN_WORDS = 4  # a line of fewer words never gets a wrong-language warning
 
@@ -49,15 +49,7 @@ class Router:
                        ) -> Iterator[list[Candidate]]:
         """As Translator.iter_translate, each line by its model, decoding `flags` over each
         model's own defaults; in input order."""
-        chunk: list[str] = []
-        first = 1
-        for line in lines:
-            chunk.append(line)
-            if len(chunk) == chunk_size or (ready is not None and not ready()):
-                yield from self._chunk(chunk, first, flags, on_split)
-                first += len(chunk)
-                chunk = []
-        if chunk:
+        for first, chunk in chunks(lines, chunk_size, ready):
             yield from self._chunk(chunk, first, flags, on_split)
 
     def _chunk(self, lines: list[str], first: int, flags: dict, on_split):

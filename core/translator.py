@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -27,15 +28,29 @@ class Candidate:
     warnings: list[str] = field(default_factory=list)  # e.g. "sentence 2 hit the length limit"
 
 
-def join(nbests: list[list[Candidate]], between: list[str] | None = None) -> list[Candidate]:
+def join(nbests: list[list[Candidate]], sep: str = " ") -> list[Candidate]:
     """Put the pieces of a sentence or line back together: the k-th candidate joins every
-    piece's k-th, with `between[i]` before piece i (default: a space between pieces); scores
-    add up, warnings are kept."""
+    piece's k-th with `sep`; scores add up, warnings are kept."""
     n = min(len(c) for c in nbests)
-    between = between or [""] + [" "] * (len(nbests) - 1)
-    return [Candidate("".join(b + c[k].text for b, c in zip(between, nbests)),
-                      sum(c[k].score for c in nbests), [w for c in nbests for w in c[k].warnings])
+    return [Candidate(sep.join(c[k].text for c in nbests), sum(c[k].score for c in nbests),
+                      [w for c in nbests for w in c[k].warnings])
             for k in range(n)]
+
+
+def chunks(lines: Iterable[str], size: int, ready: Callable[[], bool] | None
+           ) -> Iterator[tuple[int, list[str]]]:
+    """(number of the first line, lines) in chunks of `size`, or fewer when `ready()` says no
+    further line is there without waiting."""
+    chunk: list[str] = []
+    first = 1
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size or (ready is not None and not ready()):
+            yield first, chunk
+            first += len(chunk)
+            chunk = []
+    if chunk:
+        yield first, chunk
 
 
 class Detokenizer:
@@ -111,15 +126,7 @@ class Translator:
             raise TypeError("lines must be a list (or iterable) of lines, not one str: "
                             "translate([text]) for a single line")
         strategy = options.make(self.tokenizer.eos_id)
-        chunk: list[str] = []
-        first = 1
-        for line in lines:
-            chunk.append(line)
-            if len(chunk) == chunk_size or (ready is not None and not ready()):
-                yield from self._translate_chunk(chunk, first, options, strategy, on_split)
-                first += len(chunk)
-                chunk = []
-        if chunk:
+        for first, chunk in chunks(lines, chunk_size, ready):
             yield from self._translate_chunk(chunk, first, options, strategy, on_split)
 
     def _translate_chunk(self, lines: list[str], first: int, options: DecodeOptions,
@@ -128,7 +135,7 @@ class Translator:
                   for i, line in enumerate(lines) if line.strip()}
         units = [(i, j) for i, sentences in layout.items()
                  for j, sentence in enumerate(sentences) if sentence.translate]
-        left = {i: sum(s.translate for s in sentences) for i, sentences in layout.items()}
+        left = collections.Counter(i for i, _ in units)  # sentences still to come, per line
         found: dict[int, dict[int, list[Candidate]]] = {i: {} for i in layout}
         results: dict[int, list[Candidate]] = {}
         for i, line in enumerate(lines):
@@ -208,7 +215,7 @@ class Translator:
                                for c in got[todo.index(k)]])
             else:
                 pieces.append([Candidate(part, 0.0)])
-        return join(pieces, [""] * len(pieces))
+        return join(pieces, "")
 
     @staticmethod
     def _rebuild(sentences: list[segment.Sentence], found: dict[int, list[Candidate]]
@@ -223,7 +230,7 @@ class Translator:
             pieces.append([Candidate(lead + c.text + trail, c.score,
                                      [f"sentence {j + 1} {w}" if many else w for w in c.warnings])
                            for c in nbest])
-        return join(pieces, [""] * len(pieces))
+        return join(pieces, "")
 
     def split(self, text: str) -> list[list[int]]:
         """Token ids of pieces that fit the model, never dropping a word: halves at a sentence
