@@ -26,7 +26,7 @@ class DefaultCommand(TyperCommand):
     its options in groups."""
 
     SECTIONS = {"Input and output": ["input", "output", "fmt"],
-                "Model": ["model", "source", "to", "revision", "device", "dtype", "batch_size"],
+                "Model": ["source", "to", "via", "model", "revision", "device", "dtype", "batch_size"],
                 "Decoding": list(opt.FLAGS)}
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -108,11 +108,16 @@ Revision = Annotated[Optional[str], typer.Option(
     show_default=False)]
 From = Annotated[Optional[str], typer.Option(
     "--from", "-f", metavar="LANG", show_default=False,
-    help="Source language (de, deu, ...): picks the installed model for it unless -m.")]
+    help="Source language (de, deu, ...): with --to, picks the model for the pair (installed, "
+         "through English, or from the Hub) unless -m.")]
 To = Annotated[Optional[str], typer.Option(
     "--to", "-t", metavar="LANG", show_default=False,
-    help="Target language: picks the installed model for it unless -m; with a multilingual "
+    help="Target language: picks the model into it unless -m; with a multilingual "
          "model, its target (adds >>fra<< for fra).")]
+Via = Annotated[Optional[str], typer.Option(
+    "--via", metavar="LANG", show_default=False,
+    help="Translate through LANG with two models (needs --to) [default: through en when no "
+         "model for the pair is installed].")]
 Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
 BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
 Dtype = Annotated[str, typer.Option(
@@ -120,25 +125,22 @@ Dtype = Annotated[str, typer.Option(
     help="Precision; int8 (quantized linear layers) is the fastest on a CPU.")]
 
 
-def load_translator(model, revision, source, to, device, dtype, batch_size):
-    """The Translator for -m/--revision/--from/--to; translator.options(**flags) then decodes
-    as the model suggests where the flags are silent, as the Python API does."""
-    from core.models import pick
-    from core.translator import Translator
-
-    chosen = pick(model, source, to)
-    return Translator.load(chosen, device=device, dtype=dtype, revision=revision,
-                           to=to if model is not None else None, batch_size=batch_size)
-
-
-def make_router(model, revision, source, to, device, dtype, batch_size):
-    """The Router for the translate command: -m or --from fix the model (lines in another
-    language get a warning); otherwise each line goes to the installed model for its detected
-    language, and with --to a line already in that language is passed through."""
+def make_router(model, revision, source, to, via, device, dtype, batch_size, *, detect=True):
+    """The Router for -m/--from/--to/--via: -m or --from (or not `detect`) fix the route (lines
+    in another language get a warning, when `detect`); otherwise each line goes to the
+    installed models for its detected language, and with --to a line already in that language
+    is passed through. Each model is
+    loaded once, when a line first needs it; translator.options(**flags) then decodes as the
+    model suggests where the flags are silent, as the Python API does."""
     from core import hub, models
     from core.detect import Detector
+    from core.errors import UsageError
     from core.route import Router
     from core.translator import Translator
+
+    if via is not None and (model is not None or to is None):
+        raise UsageError("--via needs --to, and chains two models: not with -m" if model is None
+                         else "--via chains two models; -m names one")
 
     def load(path):
         return Translator.load(path, device=device, dtype=dtype,
@@ -146,17 +148,20 @@ def make_router(model, revision, source, to, device, dtype, batch_size):
                                to=to if model is not None else None, batch_size=batch_size)
 
     found = models.installed()  # one scan of the embedded models and the cache
-    fixed = model is not None or source is not None
+    fixed = model is not None or source is not None or not detect
     if fixed:
-        default, table = models.pick(model, source, to, found=found), {}
+        default = models.pick(model, source, to, via=via, found=found,
+                              say=lambda note: err().print(f"note: {note}"))
+        table = {}
     else:
-        table = models.routes(found, to)
+        table = models.routes(found, to, via)
         if not table:
             models.pick(None, None, to, found=found)  # raises, listing what is installed
         default = table.get("en", next(iter(table.values())))  # unsure: as the default model
     languages = set(models.languages(found)) | ({models.language(to)} if to else set())
-    detector = Detector(sorted(languages), hub.cache_root()) if len(languages) > 1 else None
-    return Router(load, table, default or models.DEFAULT_MODEL,
+    detector = (Detector(sorted(languages), hub.cache_root())
+                if detect and len(languages) > 1 else None)
+    return Router(load, table, default or (models.DEFAULT_MODEL,),
                   detect=detector.detect if detector else None,
                   target=models.language(to) if to and not fixed else None, fixed=fixed)
 
@@ -210,6 +215,7 @@ def translate_command(
     revision: Revision = None,
     source: From = None,
     to: To = None,
+    via: Via = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 32,
@@ -231,8 +237,8 @@ def translate_command(
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            router = make_router(model, revision, source, to, device, dtype, batch_size)
-            decoding = router.translator(router.default).options(**flags)
+            router = make_router(model, revision, source, to, via, device, dtype, batch_size)
+            decoding = router.translator(router.default[-1]).options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
                     and decoding.n_best == 1)
@@ -242,15 +248,13 @@ def translate_command(
 
                     console = Console(highlight=False, soft_wrap=True)
                     for line in lines:
-                        path, notes = router.route(line)
+                        route, notes = router.route(line)
                         for note in notes:
                             err().print(f"warning: {note}")
-                        if path is None:
+                        if route is None:
                             console.print(line, markup=False)
                             continue
-                        translator = router.translator(path)
-                        options = translator.options(**flags)
-                        stream_to_terminal(console, translator.stream(line, **vars(options)))
+                        stream_to_terminal(console, router.stream(route, line, flags))
                 else:
                     sources, queued = itertools.tee(lines)
                     results = router.iter_translate(queued, flags, on_split=warn_split,
@@ -352,6 +356,7 @@ def eval_command(
     revision: Revision = None,
     source: From = None,
     to: To = None,
+    via: Via = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 64,
@@ -377,10 +382,12 @@ def eval_command(
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        translator = load_translator(model, revision, source, to, device, dtype, batch_size)
+        router = make_router(model, revision, source, to, via, device, dtype, batch_size,
+                             detect=False)  # every line the same route: one thing measured
+        translator = router.translator(router.default[-1])  # the model that writes the output
         decoding = translator.options(**flags)
         start = time.perf_counter()
-        hyps = [nbest[0].text for nbest in translator.iter_translate(sources, decoding)]
+        hyps = [nbest[0].text for nbest in router.iter_translate(sources, flags)]
         seconds = time.perf_counter() - start
         if hyp is not None:
             with open_output(hyp) as out:

@@ -16,11 +16,14 @@ def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
 
     text:   the best translation; with --n-best N, N fields pairs `translation<TAB>score`,
             best first (tabs inside a translation become spaces)
-    jsonl:  {"source", "translation", "score", "warnings"} and, with --n-best,
-            "nbest": [{"text", "score"}]; warnings are those of the best translation
+    jsonl:  {"source", "translation", "score", "warnings"}, "pivot" (the text in the pivot
+            language) where two models made it, and, with --n-best, "nbest": [{"text",
+            "score"}]; warnings are those of the best translation
     """
     if fmt == "jsonl":
         record = {"source": source, "translation": nbest[0].text, "score": round(nbest[0].score, 4)}
+        if nbest[0].pivot is not None:
+            record["pivot"] = nbest[0].pivot
         if n_best > 1:
             record["nbest"] = [{"text": c.text, "score": round(c.score, 4)} for c in nbest]
         record["warnings"] = nbest[0].warnings

@@ -29,11 +29,38 @@ from core.errors import ModelNotFound, UsageError
 ORIGIN = "origin.json"
 DEFAULT_REVISION = "main"
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+OPUS_MT = "Helsinki-NLP/opus-mt-{}-{}"  # the University of Helsinki's models, one per pair
+ASK_TIMEOUT = 10  # seconds to wait for the Hub's answer to "does this model exist?"
 
 
 def is_hub_id(name: str) -> bool:
     """OWNER/NAME as the Hub spells repository ids ("./x", "/x" and "a/b/c" are paths)."""
     return bool(REPO_ID.fullmatch(name)) and ".." not in name and "--" not in name
+
+
+def available(repo: str) -> bool | None:
+    """Whether `repo` can be had: True when the Hugging Face cache holds it or the Hub says it
+    exists, False when the Hub says it does not, None when nobody can tell (offline)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        HfApi().model_info(repo, timeout=ASK_TIMEOUT)
+        return True
+    except RepositoryNotFoundError:  # also what a gated or private one says without a token
+        return False
+    except Exception:  # no network, a timeout, the Hub down
+        return None
+
+
+def offline_reason() -> str:
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
 
 
 def cache_root() -> Path:
@@ -98,8 +125,7 @@ def fetch(repo: str, revision: str) -> Path:
         raise ModelNotFound(f"the Hugging Face repository {repo} has no revision "
                             f"'{revision}'") from None
     except LocalEntryNotFoundError:  # offline, or no network, and not (all) in the cache
-        why, fix = (("HF_HUB_OFFLINE is set", "unset it") if constants.HF_HUB_OFFLINE else
-                    ("the Hub cannot be reached", "connect"))
+        why, fix = offline_reason(), "unset it" if constants.HF_HUB_OFFLINE else "connect"
         raise ModelNotFound(f"the Hugging Face cache lacks {repo} (or part of it) and {why}; "
                             f"{fix} and run `translate download {repo}`") from None
     except Exception as exc:  # HTTP errors, a broken connection mid-download, a full disk

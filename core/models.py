@@ -153,32 +153,111 @@ def remove(name: str) -> Path:
                         + (f"; cached: {', '.join(cached)}" if cached else ""))
 
 
+Route = tuple[str, ...]  # the models a line goes through, in order: one, or two with a pivot
+PIVOT = "en"  # the language most models translate into and out of
+
+
+def direct(found: list[Installed], source: str, target: str) -> str | None:
+    """The path of the first model of `found` from `source` into `target`."""
+    return next((str(m.path) for m in found if language(m.source) == source
+                 and language(m.target) == target), None)
+
+
+def legs(source: str, target: str, via: str | None) -> list[list[tuple[str, str]]]:
+    """The language pairs to try, best first: the pair itself (unless a pivot is forced), then
+    source -> via -> target (via: default English)."""
+    pivot = language(via or PIVOT)
+    tries = [] if via and pivot not in (source, target) else [[(source, target)]]
+    if pivot not in (source, target):
+        tries.append([(source, pivot), (pivot, target)])
+    return tries
+
+
 def pick(model: str | None, source: str | None = None, target: str | None = None, *,
-         found: list[Installed] | None = None) -> str | None:
-    """What to load for -m, -f/--from and -t/--to: -m wins; else the installed model (of
-    `found`, default: installed()) for the languages given, embedded first; None for the
+         via: str | None = None, found: list[Installed] | None = None,
+         say=lambda note: None) -> Route:
+    """The models to load for -m, -f/--from, -t/--to and --via: -m wins; else the installed
+    model for the languages given (embedded first). With both languages and no installed model
+    for the pair: two installed ones through `via` (default English); then Helsinki-NLP's
+    opus-mt models on the Hugging Face Hub, the pair's own first, then through `via` (a leg
+    installed or from the Hub), `say(note)` telling what will be downloaded. () means the
     default model. A ModelNotFound lists what is installed."""
-    if model is not None or (source is None and target is None):
-        return model
+    if model is not None:
+        return (model,)
+    if source is None and target is None:
+        return ()
     found = installed() if found is None else found
+    if source is not None and target is not None:
+        return chain(found, language(source), language(target), via, say)
     fits = [m for m in found
             if (source is None or language(m.source) == language(source))
             and (target is None or language(m.target) == language(target))]
     if not fits:
-        side = (f"{language(source)} to {language(target)}" if source and target
-                else f"from {language(source)}" if source else f"into {language(target)}")
-        raise ModelNotFound(f"no installed model translates {side}; installed: {listing(found)}")
+        side = f"from {language(source)}" if source else f"into {language(target)}"
+        raise ModelNotFound(f"no installed model translates {side}; installed: {listing(found)} "
+                            "(with both --from and --to, one may be fetched from the Hub)")
     if len({language(m.source) for m in fits}) > 1 or len({language(m.target) for m in fits}) > 1:
         raise UsageError(f"several models fit ({listing(fits)}); give both --from and --to")
-    return str(fits[0].path)
+    return (str(fits[0].path),)
 
 
-def routes(found: list[Installed], target: str | None = None) -> dict[str, str]:
-    """Source language -> the model of `found` for it (the first), into `target` if given."""
-    table: dict[str, str] = {}
-    for m in found:
-        if target is None or language(m.target) == language(target):
-            table.setdefault(language(m.source), str(m.path))
+def chain(found: list[Installed], source: str, target: str, via: str | None, say) -> Route:
+    """See pick: installed models first, then the Hub."""
+    if source == target:
+        raise UsageError(f"--from and --to are both {source}")
+    tries = legs(source, target, via)
+    for pairs in tries:
+        paths = [direct(found, *pair) for pair in pairs]
+        if all(paths):
+            return announce(tuple(paths), pairs, say)
+    answers: dict[str, bool | None] = {}
+    for pairs in tries:
+        route = []
+        for pair in pairs:
+            repo = hub.OPUS_MT.format(*pair)
+            if not direct(found, *pair) and repo not in answers:
+                answers[repo] = hub.available(repo)
+            route.append(direct(found, *pair) or (repo if answers[repo] else None))
+        if all(route):
+            for name, pair in zip(route, pairs):
+                if name == hub.OPUS_MT.format(*pair):
+                    say(f"no installed model translates {pair[0]} to {pair[1]}; fetching {name} "
+                        "from the Hugging Face Hub (converted once into the cache)")
+            return announce(tuple(route), pairs, say)
+    names = " nor ".join(" then ".join(f"{a} to {b}" for a, b in pairs) for pairs in tries)
+    unknown = [repo for repo, answer in answers.items() if answer is None]
+    hub_note = (f"; could not ask the Hub for {', '.join(unknown)} ({hub.offline_reason()})"
+                if unknown else "; the Hub has no opus-mt model for them either")
+    raise ModelNotFound(f"no installed model translates {names}{hub_note}; installed: "
+                        f"{listing(found)}")
+
+
+def announce(route: Route, pairs: list[tuple[str, str]], say) -> Route:
+    if len(route) > 1:
+        say(f"translating {pairs[0][0]} to {pairs[-1][1]} through {pairs[0][1]}: "
+            + ", then ".join(route))
+    return route
+
+
+def routes(found: list[Installed], target: str | None = None,
+           via: str | None = None) -> dict[str, Route]:
+    """Source language -> the installed models a line in it goes through: the first model of
+    `found` from it (into `target` if given); with `target`, two through `via` (default
+    English) for a language without a direct model, or for every language when `via` is
+    given."""
+    table: dict[str, Route] = {}
+    if target is None:
+        for m in found:
+            table.setdefault(language(m.source), (str(m.path),))
+        return table
+    for s in dict.fromkeys(language(m.source) for m in found):
+        if s == language(target):
+            continue
+        for pairs in legs(s, language(target), via):
+            paths = [direct(found, *pair) for pair in pairs]
+            if all(paths):
+                table[s] = tuple(paths)
+                break
     return table
 
 

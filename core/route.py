@@ -4,23 +4,34 @@ The CLI makes a Router from -m/--from/--to and what is installed (core.models): 
 --from one model takes every line, and a line confidently in another language gets a warning;
 otherwise a line goes to the installed model for its detected language (core.detect), lines
 too short to judge to the default route, and with --to a line already in that language comes
-back as it was, with a warning saying so."""
+back as it was, with a warning saying so.
+
+A route is one model or two: with two (a pivot, e.g. fr -> en -> de) the first model's best
+translation of each line is what the second translates; the n-best are the second model's
+alternatives for that one pivot text, each scored as the sum of the two models' scores (the
+pivot's and its own), and each candidate carries the pivot text (jsonl: "pivot").
+
+Line by line, Router does what Translator does: iter_translate(lines, flags) yields each line's
+n-best in input order, stream(route, line, flags) yields one translation piece by piece.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
 from core.detect import MIN_CONFIDENCE
+from core.models import Route
 from core.translator import Candidate, Translator, chunks
 
 WARN_WORDS = 4  # a line of fewer words never gets a wrong-language warning
 
 
 class Router:
-    def __init__(self, load: Callable[[str], Translator], routes: dict[str, str], default: str,
-                 *, detect=None, target: str | None = None, fixed: bool = False):
-        """`routes`: source language -> model path; `default`: the path for lines whose
-        language is unknown (and every line when `fixed`); `detect(text)` -> (lang, p)."""
+    def __init__(self, load: Callable[[str], Translator], routes: dict[str, Route],
+                 default: Route, *, detect=None, target: str | None = None, fixed: bool = False):
+        """`routes`: source language -> the models (paths) for it; `default`: the route of lines
+        whose language is unknown (and of every line when `fixed`); `detect(text)` -> (lang, p);
+        `load(path)` makes a Translator, once per path."""
         self.load, self.routes, self.default = load, routes, default
         self.detect, self.target, self.fixed = detect, target, fixed
         self.loaded: dict[str, Translator] = {}
@@ -30,14 +41,14 @@ class Router:
             self.loaded[path] = self.load(path)
         return self.loaded[path]
 
-    def route(self, line: str) -> tuple[str | None, list[str]]:
-        """The model path for a line (None: pass it through) and warnings about it."""
+    def route(self, line: str) -> tuple[Route | None, list[str]]:
+        """The route for a line (None: pass it through) and warnings about it."""
         lang, p = self.detect(line) if self.detect and line.strip() else (None, 0.0)
         sure = lang is not None and p >= MIN_CONFIDENCE
         if sure and lang == self.target:
             return None, [f"already in {lang}: passed through"]
         if self.fixed:
-            expected = self.translator(self.default).source_lang
+            expected = self.translator(self.default[0]).source_lang
             if sure and lang != expected and len(line.split()) >= WARN_WORDS:
                 return self.default, [f"looks like {lang} (p={p:.2f}), but the model reads "
                                       f"{expected}"]
@@ -54,21 +65,42 @@ class Router:
 
     def _chunk(self, lines: list[str], first: int, flags: dict, on_split):
         results: dict[int, list[Candidate]] = {}
-        groups: dict[str, list[int]] = {}
+        groups: dict[Route, list[int]] = {}
         notes: dict[int, list[str]] = {}
         for i, line in enumerate(lines):
-            path, notes[i] = self.route(line)
-            if path is None:
+            route, notes[i] = self.route(line)
+            if route is None:
                 results[i] = [Candidate(line, 0.0, notes[i])]
             else:
-                groups.setdefault(path, []).append(i)
-        for path, rows in groups.items():
-            translator = self.translator(path)
+                groups.setdefault(route, []).append(i)
+        for route, rows in groups.items():
             split = (lambda n, k, rows=rows: on_split(first + rows[n - 1], k)) if on_split else None
-            done = translator.iter_translate([lines[i] for i in rows], translator.options(**flags),
-                                             on_split=split)
+            done = self.run(route, [lines[i] for i in rows], flags, split)
             for i, nbest in zip(rows, done):
                 nbest[0].warnings[:0] = notes[i]
                 results[i] = nbest
         for i in range(len(lines)):
             yield results[i]
+
+    def run(self, route: Route, lines: list[str], flags: dict, on_split=None
+            ) -> Iterator[list[Candidate]]:
+        """Each line's n-best along `route`, decoding `flags` over each model's defaults."""
+        translator = self.translator(route[-1])
+        if len(route) == 1:
+            yield from translator.iter_translate(lines, translator.options(**flags),
+                                                 on_split=on_split)
+            return
+        pivots = [nbest[0] for nbest in self.run(route[:-1], lines, {**flags, "n_best": 1},
+                                                 on_split)]
+        done = translator.iter_translate([p.text for p in pivots], translator.options(**flags))
+        for pivot, nbest in zip(pivots, done):
+            yield [Candidate(c.text, pivot.score + c.score,
+                             [f"pivot: {w}" for w in pivot.warnings] + c.warnings, pivot.text)
+                   for c in nbest]
+
+    def stream(self, route: Route, line: str, flags: dict) -> Iterator[str]:
+        """One line's translation along `route`, piece by piece as the last model settles it
+        (the pivot text is made whole first)."""
+        if len(route) > 1:
+            line = next(self.run(route[:-1], [line], {**flags, "n_best": 1}))[0].text
+        return self.translator(route[-1]).stream(line, **flags)

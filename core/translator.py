@@ -26,6 +26,7 @@ class Candidate:
     text: str
     score: float
     warnings: list[str] = field(default_factory=list)  # e.g. "sentence 2 hit the length limit"
+    pivot: str | None = None  # the text in the pivot language, where two models made it
 
 
 def join(nbests: list[list[Candidate]], sep: str = " ") -> list[Candidate]:

@@ -207,13 +207,17 @@ def test_models_on_a_pipe_and_as_json(two_models):
 def test_from_and_to_pick_the_model(two_models):
     from core import models
 
-    assert models.pick(None, "deu", "en") == str(two_models / "de-en")
-    assert models.pick(None, "de") == str(two_models / "de-en")
-    assert models.pick(None, None, "de") == str(two_models / "en-de")
-    assert models.pick("x", "de", "en") == "x"  # -m wins
-    missing = run("-f", "fr", "-t", "de", "Bonjour")
-    assert missing.exit_code == 3
-    assert "no installed model translates fr to de; installed: de-en (de->en), en-de" in missing.stderr
+    assert models.pick(None, "deu", "en") == (str(two_models / "de-en"),)
+    assert models.pick(None, "de") == (str(two_models / "de-en"),)
+    assert models.pick(None, None, "de") == (str(two_models / "en-de"),)
+    assert models.pick("x", "de", "en") == ("x",)  # -m wins
+    assert models.pick(None) == ()  # the default model
+    missing = run("-f", "fr", "-t", "de", "Bonjour")  # offline: the Hub cannot be asked
+    assert missing.exit_code == 3 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith(
+        "error: no installed model translates fr to de nor fr to en then en to de; could not "
+        "ask the Hub for Helsinki-NLP/opus-mt-fr-de, Helsinki-NLP/opus-mt-fr-en "
+        "(HF_HUB_OFFLINE is set); installed: de-en (de->en), en-de (en->de)")
     ok = run("-f", "de", "--max-length", "4", "Hallo")
     assert ok.exit_code == 0 and ok.stdout.count("\n") == 1
 

@@ -65,6 +65,8 @@ def test_spans_survive(translator):
 @pytest.mark.parametrize("args, source, word", [
     ([], "A man is riding a bicycle.", "Fahrrad"),
     (["-m", "de-en"], "Ein Mann fährt Fahrrad.", "bicycle"),
+    (["--to", "en"], "Ein Mann fährt Fahrrad.", "bicycle"),  # detected: to de-en
+    ([], "Zwei Hunde spielen im Schnee.", "dogs"),  # German without flags: also to de-en
 ])
 def test_cli_with_no_decoding_flags(args, source, word):
     result = subprocess.run([sys.executable, "-m", "cli.main", *args], input=source + "\n",

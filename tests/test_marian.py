@@ -2,7 +2,6 @@
 models and SentencePiece models built here; the Hugging Face cache, offline use, and the cache
 of converted copies. Nothing here reaches the network."""
 
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
 
 from typer.testing import CliRunner  # noqa: E402
+
+from conftest import marian_model, train_spm  # noqa: E402
 
 from cli.main import app  # noqa: E402
 from core.search import with_defaults as with_model_defaults  # noqa: E402
@@ -64,50 +65,10 @@ def run(*args, input=None):
     return runner.invoke(app, [str(a) for a in args], input=input, prog_name="translate")
 
 
-def train_spm(texts: list[str], **options) -> bytes:
-    out = io.BytesIO()
-    settings = dict(vocab_size=90, model_type="unigram", character_coverage=0.995,
-                    hard_vocab_limit=False, normalization_rule_name="nmt_nfkc", minloglevel=2)
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts * 10), model_writer=out,
-                                             **(settings | options))
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory) -> Path:
-    """A tiny opus-mt model in Hugging Face layout: English and German SentencePiece models
-    over one vocabulary (with two language tokens), and random weights."""
-    path = tmp_path_factory.mktemp("hf") / "opus-mt-en-de"
-    path.mkdir()
-    spms = {"source.spm": train_spm(ENGLISH), "target.spm": train_spm(GERMAN)}
-    vocab = {"</s>": 0, "<unk>": 1}
-    for name, data in spms.items():  # the joint vocabulary: source pieces, then target ones
-        (path / name).write_bytes(data)
-        proc = sentencepiece.SentencePieceProcessor(model_proto=data)
-        for i in range(proc.get_piece_size()):
-            if not (proc.is_control(i) or proc.is_unknown(i)):
-                vocab.setdefault(proc.id_to_piece(i), len(vocab))
-    for token in LANGUAGES + ["<pad>"]:
-        vocab[token] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    pad = vocab["<pad>"]
-    config = transformers.MarianConfig(
-        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=pad, eos_token_id=0,
-        decoder_start_token_id=pad, forced_eos_token_id=0, scale_embedding=True,
-        activation_function="swish", dropout=0.0, init_std=0.2)
-    torch.manual_seed(0)
-    model = transformers.MarianMTModel(config).eval()
-    with torch.no_grad():  # a bias that makes many sentences end early, as in real models
-        model.final_logits_bias.normal_(0, 1.0)
-        model.final_logits_bias[0, 0] = 4.5
-    model.save_pretrained(path)
-    (path / "generation_config.json").write_text(json.dumps({
-        "bad_words_ids": [[pad]], "decoder_start_token_id": pad, "eos_token_id": 0,
-        "forced_eos_token_id": 0, "max_length": MAX_LENGTH + 2, "num_beams": 4,
-        "pad_token_id": pad, "renormalize_logits": True}))
-    return path
+    return marian_model(tmp_path_factory.mktemp("hf") / "opus-mt-en-de", ENGLISH, GERMAN,
+                        LANGUAGES, max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

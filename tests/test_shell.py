@@ -143,11 +143,11 @@ def test_dash_input_is_stdin(model_dir):
     assert result.returncode == 0 and result.stdout.count(b"\n") == 2
 
 
-def test_a_terminal_gets_batched_lines_and_progress(model_dir, source):
-    """stdout and stderr on a pseudo-terminal, -i FILE: one line per input line (batched, not
-    token by token), and the run ends normally."""
+def on_a_terminal(command: list[str], **env) -> tuple[int, str]:
+    """Run `command` with stdout and stderr on a pseudo-terminal: its exit code and screen."""
     master, slave = pty.openpty()
-    proc = popen(model_dir, "-i", source, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
     seen = b""
     deadline = time.time() + 60
@@ -165,8 +165,28 @@ def test_a_terminal_gets_batched_lines_and_progress(model_dir, source):
             break
     proc.wait(timeout=60)
     os.close(master)
-    assert proc.returncode == 0
-    assert b"Traceback" not in seen
+    return proc.returncode, seen.decode("utf-8", "replace")
+
+
+def test_a_terminal_gets_batched_lines_and_progress(model_dir, source):
+    """stdout and stderr on a pseudo-terminal, -i FILE: one line per input line (batched, not
+    token by token), and the run ends normally."""
+    code, screen = on_a_terminal([sys.executable, "-m", "cli.main", "-m", str(model_dir), *FAST,
+                                  "-i", str(source)])
+    assert code == 0
+    assert "Traceback" not in screen
+
+
+def test_models_on_a_terminal_is_a_table(tmp_path):
+    code, screen = on_a_terminal([sys.executable, "-m", "cli.main", "models"],
+                                 TRANSLATE_CACHE=str(tmp_path), COLUMNS="120")
+    assert code == 0, screen
+    lines = screen.splitlines()
+    header = next(line for line in lines if "name" in line and "languages" in line)
+    assert all(word in header for word in ("size", "precision", "where", "decoding", "path"))
+    assert any("en-de (default)" in line and "en->de" in line for line in lines)
+    assert any("de-en" in line and "de->en" in line and "embedded" in line for line in lines)
+    assert "\t" not in screen and any(c in screen for c in "┃│|")  # drawn, not tab-separated
 
 
 def test_python_api_refuses_a_str(model_dir):
