@@ -5,9 +5,11 @@ torch is imported only inside the commands that need it, so `--help` stays insta
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,7 +28,8 @@ class DefaultCommand(TyperCommand):
     its options in groups."""
 
     SECTIONS = {"Input and output": ["input", "output", "fmt"],
-                "Model": ["source", "to", "via", "model", "revision", "device", "dtype", "batch_size"],
+                "Model": ["source", "to", "via", "model", "revision", "device", "dtype", "batch_size",
+                          "workers"],
                 "Decoding": list(opt.FLAGS)}
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -120,9 +123,13 @@ Via = Annotated[Optional[str], typer.Option(
          "model for the pair is installed].")]
 Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
 BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
+Workers = Annotated[int, typer.Option(
+    metavar="N", help="Processes translating side by side, one thread each, sharing the model "
+    "(for throughput on files and pipes).")]
 Dtype = Annotated[str, typer.Option(
-    metavar="[float32|bfloat16|int8]",
-    help="Precision; int8 (quantized linear layers) is the fastest on a CPU.")]
+    metavar="[float32|bfloat16|float16|int8]",
+    help="Precision; int8 (quantized linear layers) is the fastest on a CPU, float16 (half "
+         "the weight bytes, float32 arithmetic; CPU only) next.")]
 
 
 def make_router(model, revision, source, to, via, device, dtype, batch_size, *, detect=True):
@@ -132,11 +139,12 @@ def make_router(model, revision, source, to, via, device, dtype, batch_size, *, 
     is passed through. Each model is
     loaded once, when a line first needs it; translator.options(**flags) then decodes as the
     model suggests where the flags are silent, as the Python API does."""
-    from core import hub, models
+    from core import models
     from core.detect import Detector
     from core.errors import UsageError
     from core.route import Router
     from core.translator import Translator
+    from core.userdir import cache_root
 
     if via is not None and (model is not None or to is None):
         raise UsageError("--via needs --to, and chains two models: not with -m" if model is None
@@ -159,11 +167,27 @@ def make_router(model, revision, source, to, via, device, dtype, batch_size, *, 
             models.pick(None, None, to, found=found)  # raises, listing what is installed
         default = table.get("en", next(iter(table.values())))  # unsure: as the default model
     languages = set(models.languages(found)) | ({models.language(to)} if to else set())
-    detector = (Detector(sorted(languages), hub.cache_root())
+    detector = (Detector(sorted(languages), cache_root())
                 if detect and len(languages) > 1 else None)
     return Router(load, table, default or (models.DEFAULT_MODEL,),
                   detect=detector.detect if detector else None,
                   target=models.language(to) if to and not fixed else None, fixed=fixed)
+
+
+@contextmanager
+def engine(router, flags: dict, workers: int):
+    """lines -> each line's n-best, in order: the router itself, or `workers` processes."""
+    from core.errors import UsageError
+
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        yield functools.partial(router.iter_translate, flags=flags)
+        return
+    from core.workers import Workers
+
+    with Workers(router, flags, workers) as pool:
+        yield pool.iter_translate
 
 
 def warn_split(line: int, pieces: int) -> None:
@@ -219,6 +243,7 @@ def translate_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 32,
+    workers: Workers = 1,
     fmt: Annotated[str, typer.Option("--format", metavar="[text|jsonl]",
                                      help="Output format.")] = "text",
     debug: Debug = False,
@@ -242,7 +267,7 @@ def translate_command(
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
                     and decoding.n_best == 1)
-            with open_output(output) as out:
+            with open_output(output) as out, engine(router, flags, workers) as run:
                 if live:
                     from rich.console import Console
 
@@ -257,8 +282,7 @@ def translate_command(
                         stream_to_terminal(console, router.stream(route, line, flags))
                 else:
                     sources, queued = itertools.tee(lines)
-                    results = router.iter_translate(queued, flags, on_split=warn_split,
-                                                    ready=lines.ready)
+                    results = run(queued, on_split=warn_split, ready=lines.ready)
                     total = count_lines(input) if input is not None else None
                     bar = sys.stderr.isatty() and not text
                     warn = Warnings()
@@ -360,6 +384,7 @@ def eval_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 64,
+    workers: Workers = 1,
     hyp: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Also write the translations to FILE.")] = None,
     lowercase: Annotated[bool, typer.Option(
@@ -386,9 +411,10 @@ def eval_command(
                              detect=False)  # every line the same route: one thing measured
         translator = router.translator(router.default[-1])  # the model that writes the output
         decoding = translator.options(**flags)
-        start = time.perf_counter()
-        hyps = [nbest[0].text for nbest in router.iter_translate(sources, flags)]
-        seconds = time.perf_counter() - start
+        with engine(router, flags, workers) as run:
+            start = time.perf_counter()
+            hyps = [nbest[0].text for nbest in run(sources)]
+            seconds = time.perf_counter() - start
         if hyp is not None:
             with open_output(hyp) as out:
                 out.writelines(h + "\n" for h in hyps)

@@ -75,8 +75,8 @@ def check_placement(device: str, dtype: str) -> None:
     """--device and --dtype values, checked before anything is loaded (bad ones exit 2)."""
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
-    if dtype not in ("float32", "bfloat16", "int8"):
-        raise UsageError(f"unknown dtype '{dtype}'; use float32, bfloat16 or int8")
+    if dtype not in ("float32", "bfloat16", "float16", "int8"):
+        raise UsageError(f"unknown dtype '{dtype}'; use float32, bfloat16, float16 or int8")
 
 
 def decode_options(**flags):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,11 +114,9 @@ def load(path: str | Path, device: str = "auto", *, dtype: str = "float32") -> C
     target = pick_device(device)
     precision.check(dtype, target)
     try:
-        ckpt = read(path, target, dtype)
+        return read(path, target, dtype)
     except ModelError as exc:  # every problem inside a model directory has the same fix
         raise ModelError(f"{exc} (re-save or re-download the model in {path})") from None
-    ckpt.model = precision.apply(ckpt.model, dtype, target)
-    return ckpt
 
 
 def read(path: Path, device: torch.device, dtype: str = "float32") -> Checkpoint:
@@ -137,48 +134,74 @@ def read(path: Path, device: torch.device, dtype: str = "float32") -> Checkpoint
     with torch.device("meta"):  # shapes only: the weights are the stored ones, held once
         model = Transformer(config)  # its size was bounded by the config's validation
     names = check_tensors(model, path / WEIGHTS)
-    column_major = precision.column_major(model, dtype, device)
-    model.load_state_dict(read_tensors(path / WEIGHTS, names, column_major), assign=True)
+    with TensorFile(path / WEIGHTS) as tensors:
+        model = precision.load(model, tensors.read, names, dtype, device, rows=tensors.matrix)
     return Checkpoint(model.to(device).eval(), tokenizer, config, path, generation)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_tensors(path: Path, names: list[str],
-                 column_major: Collection[str] = ()) -> dict[str, torch.Tensor]:
-    """Read float tensors of a safetensors file (already checked by check_tensors) into memory
-    of their own, as float32; the matrices named in `column_major` are laid out so.
+class TensorFile:
+    """The float tensors of a safetensors file (already checked by check_tensors), read one at
+    a time into memory of their own, as float32.
 
     Plain reads, not a memory map: mapped pages stay resident for as long as any tensor refers
     to the file, so converting a model (e.g. to int8) would keep the float32 weights in memory
-    as well. The largest tensors come first, so that re-laying one out briefly holds two copies
-    of it beside little else."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header, base = json.loads(f.read(size)), 8 + size
-            state = {}
-            offsets = {name: header[name]["data_offsets"] for name in names}
-            for name in sorted(names, key=lambda n: offsets[n][0] - offsets[n][1]):  # largest first
-                info = header[name]
-                begin, end = info["data_offsets"]
-                data = bytearray(end - begin)
-                f.seek(base + begin)
-                if f.readinto(data) != len(data):
-                    raise ValueError(f"tensor {name} is cut short")
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"tensor {name} has dtype {info['dtype']}, not a float")
-                flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-                tensor = flat.view(info["shape"]).float()
-                if name in column_major:
-                    tensor = tensor.t().contiguous().t()
-                del data, flat  # before the next read: at most two copies of one tensor
-                state[name] = tensor
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is truncated or corrupt ({exc})") from None
-    return state
+    as well."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = open(path, "rb")
+            size = int.from_bytes(self.file.read(8), "little")
+            self.header, self.base = json.loads(self.file.read(size)), 8 + size
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path} is truncated or corrupt ({exc})") from None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def read(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        """The tensor `name`, or of a matrix the rows `rows`, as float32."""
+        try:
+            info = self.header[name]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}, not a float")
+            shape = list(info["shape"])
+            begin, end = info["data_offsets"]
+            if rows != slice(None):
+                row_bytes = (end - begin) // max(shape[0], 1)
+                first, last, _ = rows.indices(shape[0])
+                shape[0] = max(last - first, 0)
+                begin, end = begin + first * row_bytes, begin + (first + shape[0]) * row_bytes
+            data = bytearray(end - begin)
+            self.file.seek(self.base + begin)
+            if self.file.readinto(data) != len(data):
+                raise ValueError(f"tensor {name} is cut short")
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            return flat.view(shape).float()  # float32 already: the bytes read, no copy
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ModelError(f"{self.path} is truncated or corrupt ({exc})") from None
+
+    def matrix(self, name: str) -> StoredMatrix:
+        return StoredMatrix(self, name, tuple(self.header[name]["shape"]))
+
+
+@dataclass
+class StoredMatrix:
+    """A matrix still in its file: `shape`, and row slices read on demand (as float32)."""
+
+    file: TensorFile
+    name: str
+    shape: tuple[int, ...]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.file.read(self.name, rows)
 
 
 def save(model: Transformer, tokenizer: Tokenizer, path: Path, *,

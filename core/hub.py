@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from core.checkpoint import CONFIG
+from core.userdir import cache_root
 from core.errors import ModelNotFound, UsageError
 
 ORIGIN = "origin.json"
@@ -61,13 +61,6 @@ def offline_reason() -> str:
     from huggingface_hub import constants
 
     return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-
-
-def cache_root() -> Path:
-    if os.environ.get("TRANSLATE_CACHE"):
-        return Path(os.environ["TRANSLATE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "translate"
 
 
 def hub_dir(repo: str, revision: str) -> Path:

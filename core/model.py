@@ -208,6 +208,7 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps) if cfg.norm_first else None
         self.lm_head = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.final_logits_bias else None
+        self.tied_linear = F.linear  # the tied output's product (core.precision may pick another)
         if not self.embed.weight.is_meta:  # built on the meta device, it awaits stored weights
             self.reset_parameters()
 
@@ -244,7 +245,7 @@ class Transformer(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         head = self.lm_head  # a module when untied (or quantized)
         if head is None:  # tied: the embedding matrix, the bias added inside the matrix product
-            return F.linear(x, self.embed.weight, self.logits_bias)  # (..., V)
+            return self.tied_linear(x, self.embed.weight, self.logits_bias)  # (..., V)
         logits = head(x)  # (..., V)
         return logits + self.logits_bias if self.logits_bias is not None else logits
 

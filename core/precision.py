@@ -1,9 +1,12 @@
-"""Inference precisions: float32, bfloat16, and int8 linear layers for CPU.
+"""Inference precisions: float32, bfloat16, and float16 and int8 linear layers for CPU, and
+the loading that puts each layer into its precision as soon as it is read.
 
-float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major (see
-`column_major`). int8 keeps each weight matrix (and the embedding table) as int8 with one scale
-per row and quantizes the activations on the fly (dynamic quantization): a quarter of the weight
-bytes to read every decoding step, and int8 dot products where the CPU has them."""
+float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major, and multiplies
+with the kernel measured fastest for the layer's shape and rows (core.kernels). float16 keeps
+the weight matrices (and the embedding table) in half precision and computes in float32
+(fbgemm's fp16 kernels): half the weight bytes to read every decoding step. int8 keeps them as
+int8 with one scale per row and quantizes the activations on the fly (dynamic quantization):
+a quarter of the bytes, and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
@@ -12,19 +15,21 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from core import kernels
+
 from core.errors import UsageError
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
-def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """A matrix as int8 with one scale per row: (rows, cols) int8 and (rows,) float32."""
-    weight = weight.detach()
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.size(0))  # (rows,)
-    for start in range(0, weight.size(0), 4096):  # in slices: float temporaries stay small
+def quantize_rows(weight) -> tuple[Tensor, Tensor]:
+    """A matrix (a tensor, or anything with a shape whose row slices are tensors) as int8 with
+    one scale per row: (rows, cols) int8 and (rows,) float32."""
+    q = torch.empty(tuple(weight.shape), dtype=torch.int8)
+    scale = torch.empty(weight.shape[0])  # (rows,)
+    for start in range(0, weight.shape[0], 4096):  # in slices: float temporaries stay small
         rows = slice(start, start + 4096)
-        w = weight[rows].float()
+        w = weight[rows].detach().float()
         scale[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         q[rows] = torch.round(w / scale[rows, None]).to(torch.int8)
     return q, scale
@@ -76,37 +81,133 @@ def quantize_int8(module: nn.Module) -> None:
             quantize_int8(child)
 
 
+class Float16Linear(nn.Module):
+    """y = x W^T + b with W stored in float16 (fbgemm's packed layout) and float32 arithmetic."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float(), None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)  # (..., out)
+
+
+class Float16Embeddings(nn.Module):
+    """Token embeddings looked up in a float16 table: half the float32 table's memory."""
+
+    def __init__(self, weight: Tensor, scale: float):
+        super().__init__()
+        self.table, self.scale = weight.detach().half(), scale  # (V, D), sqrt(D) or 1
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table[tokens].float() * self.scale  # (B, T, D)
+
+
+class TunedLinear(nn.Module):
+    """nn.Linear for float32 on a CPU: the weight column-major, the kernel the one measured
+    fastest here for its shape and rows (core.kernels). Same parameters, same state dict."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        weight = weight.detach()
+        if weight.is_contiguous():  # row-major: lay it out column-major (one copy, once)
+            weight = weight.t().contiguous().t()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), strides (1, out)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight, self.bias)  # (..., out)
+
+
 def check(dtype: str, device: torch.device) -> None:
     """Refuse a precision that does not exist or cannot run on `device`."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
-    if dtype == "int8" and device.type != "cpu":
-        raise UsageError("--dtype int8 runs on the CPU; use --dtype bfloat16 on a GPU")
+    if dtype in ("int8", "float16") and device.type != "cpu":
+        raise UsageError(f"--dtype {dtype} runs on the CPU; use --dtype bfloat16 on a GPU")
 
 
-def column_major(model: nn.Module, dtype: str, device: torch.device) -> set[str]:
-    """The weights to store column-major (W^T row-major) when reading a model: every linear
-    layer's matrix and the embedding table, for float32 on the CPU. F.linear then hands MKL's
-    GEMM an untransposed right-hand matrix, which it multiplies faster at the few rows of a
-    decoding step (32 rows through a 2048 x 512 layer: 0.32 against 0.48 ms on 2 threads), so
-    the benchmark's W1-W3 decode 5-34% faster and W4 as fast (benchmarks/README.md). Token
-    lookups read strided rows, a negligible cost. The stored file is unchanged."""
-    if dtype != "float32" or device.type != "cpu":
-        return set()
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return linear | {"embed.weight"}
+def tuned(dtype: str, device: torch.device) -> bool:
+    return dtype == "float32" and device.type == "cpu"
+
+
+def convert(model: nn.Module, name: str, tensors: dict, dtype: str, device: torch.device) -> None:
+    """Give the module `name` of `model` its tensors (full names -> float32 tensors; for int8,
+    a layer's weight may be anything quantize_rows reads, e.g. rows read from a file) in its
+    form for `dtype`. Call it for the top-level module ("": the logits bias) first."""
+    module = model.get_submodule(name) if name else model
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
+    tied = name == "embed" and model.lm_head is None
+    forms = {"int8": Int8Linear.from_float, "float16": Float16Linear}
+    form = forms.get(dtype, TunedLinear if tuned(dtype, device) else None)
+    if isinstance(module, nn.Linear) and form is not None:
+        setattr(owner, child, form(weight, bias))
+    elif name == "embed" and dtype == "int8":
+        q, scale = quantize_rows(weight)
+        model.embed = Int8Embeddings(q, scale, module.scale)
+        if tied:  # the same int8 matrix, and the logits bias inside its kernel (a pass over
+            # (N, V) saved per step)
+            model.lm_head = Int8Linear(q, scale, model.logits_bias)
+            model.logits_bias = None
+    elif name == "embed" and dtype == "float16":
+        if tied:  # fbgemm packs a copy of its own; the logits bias is added after it
+            model.lm_head = Float16Linear(weight)
+        model.embed = Float16Embeddings(weight, module.scale)
+    else:
+        if tied and tuned(dtype, device):  # the output layer reads it too: column-major
+            tensors = {**tensors, "embed.weight": weight.t().contiguous().t()}
+        if dtype == "bfloat16":
+            tensors = {k: t.to(torch.bfloat16) for k, t in tensors.items()}
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if tied and tuned(dtype, device):
+            model.tied_linear = kernels.linear
+
+
+def quantized(model: nn.Module, name: str, dtype: str) -> bool:
+    """Whether the weight of module `name` becomes int8 (so it can be read in slices)."""
+    return dtype == "int8" and (name == "embed" or isinstance(model.get_submodule(name), nn.Linear))
 
 
 def apply(model: nn.Module, dtype: str, device: torch.device) -> nn.Module:
-    """Convert a loaded float32 model for inference in `dtype` (already `check`ed)."""
-    if dtype == "bfloat16":
-        return model.to(torch.bfloat16)
-    if dtype == "int8":
-        q, scale = quantize_rows(model.embed.weight)
-        model.embed = Int8Embeddings(q, scale, model.embed.scale)  # the float32 table is freed
-        if model.lm_head is None:  # tied: the output layer is the same int8 matrix, and adds
-            # the logits bias inside its kernel (a pass over (N, V) saved per step)
-            model.lm_head = Int8Linear(q, scale, model.logits_bias)
-            model.logits_bias = None
-        quantize_int8(model)
+    """Convert a whole float32 model in memory for inference in `dtype` (already `check`ed)."""
+    state = model.state_dict()
+    load(model, lambda name: state.pop(name).detach(), list(state), dtype, device)
     return model
+
+
+def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.device,
+         rows=None) -> nn.Module:
+    """Fill `model` (built on the meta device, or a float32 one) from `read(name)` (a float32
+    tensor), module by module, largest first, each put into its form for `dtype` as soon as
+    its tensors are in: no second copy of the model is ever held, at most two of one tensor.
+    With `rows(name)` (an int8 matrix read slice by slice, see quantize_rows), not even that."""
+    owners: dict[str, list[str]] = {}
+    for name in names:
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    sizes = {n: t.numel() for n, t in model.state_dict(keep_vars=True).items()}
+    order = sorted(owners, key=lambda m: (m != "", -sum(sizes[n] for n in owners[m])))
+    for module in order:
+        slices = rows is not None and quantized(model, module, dtype)
+        tensors = {n: rows(n) if slices and n.endswith(".weight") else read(n)
+                   for n in owners[module]}
+        convert(model, module, tensors, dtype, device)
+        del tensors
+        give_back_memory()
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)  # what no file holds: the sinusoid table
+    return model
+
+
+def give_back_memory() -> None:
+    """Return freed memory to the OS now. glibc keeps freed heap memory for reuse, and the
+    float32 tensors freed between int8 layers fragment it so that it is not reused: the peak
+    would grow by a third of the float32 model. About a millisecond a call."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

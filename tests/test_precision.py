@@ -1,4 +1,5 @@
-"""Inference in bfloat16 and int8: what --dtype changes, and that the translation survives it."""
+"""Inference in bfloat16, float16 and int8, and float32 with the kernel measured fastest: what
+--dtype changes, that loading holds no second copy, and that the translation survives it."""
 
 import copy
 
@@ -9,9 +10,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from core import checkpoint, precision
+from core import checkpoint, kernels, precision
 from core.errors import UsageError
-from core.precision import Int8Embeddings, Int8Linear, quantize_rows
+from core.precision import (Float16Embeddings, Float16Linear, Int8Embeddings, Int8Linear,
+                            TunedLinear, quantize_rows)
 from core.translator import Translator
 
 ENGLISH = TEXTS[0::2]
@@ -79,7 +81,7 @@ def test_int8_output_layer_keeps_the_logits_bias():
     assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 def test_reduced_precision_logits_follow_float32(model_dir, dtype):
     """Next-token distributions stay close to float32's (this random model's are flat, so
     near-ties make the arg-max a poor measure)."""
@@ -97,7 +99,7 @@ def test_reduced_precision_logits_follow_float32(model_dir, dtype):
     assert distance < 0.2, distance
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 def test_translator_in_reduced_precision(model_dir, dtype):
     """The whole path (beam search, cache, streaming) runs in bfloat16 and int8 and keeps
     one output line per input line. (Streaming is compared with a batch of one: int8
@@ -133,3 +135,77 @@ def test_cli_dtype(model_dir):
                         prog_name="translate")
     assert bad.exit_code == 2 and bad.stdout == ""
     assert "unknown dtype 'fp8'" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_float16_keeps_half_precision_weights(model_dir):
+    model = checkpoint.load(str(model_dir), "cpu", dtype="float16").model
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.embed, Float16Embeddings) and model.embed.table.dtype == torch.float16
+    assert isinstance(model.lm_head, Float16Linear)  # tied: a packed copy of the table
+    assert model.logits_bias is None or model.logits_bias.dtype == torch.float32
+
+
+def test_float16_linear_is_float32_of_rounded_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 200)
+    x = torch.randn(3, 5, 48)
+    want = nn.functional.linear(x, linear.weight.half().float(), linear.bias)
+    torch.testing.assert_close(Float16Linear(linear.weight, linear.bias)(x), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_matrices_are_read_in_slices(model_dir):
+    """Loading int8 never reads a whole float32 matrix: each is quantized from row slices
+    read from the file, so the float32 model is never in memory."""
+    read, sliced = [], []
+    real_read = checkpoint.TensorFile.read
+
+    def spy(self, name, rows=slice(None)):
+        (sliced if rows != slice(None) else read).append(name)
+        return real_read(self, name, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint.TensorFile, "read", spy)
+        checkpoint.load(str(model_dir), "cpu", dtype="int8")
+    matrices = {n for n in sliced}
+    assert "embed.weight" in matrices and "decoder.1.ffn.fc2.weight" in matrices
+    assert not [n for n in read if n in matrices]
+    assert all(n.endswith((".bias", "norm.weight", "logits_bias")) for n in read), read
+
+
+@pytest.mark.parametrize("kernel", sorted(kernels.KERNELS))
+@pytest.mark.parametrize("shape", [(1, 48), (4, 48), (2, 7, 48), (0, 48)])
+def test_every_kernel_computes_the_layer(kernel, shape, monkeypatch):
+    monkeypatch.setattr(kernels, "_chooser", kernels.Chooser(None, forced=kernel))
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 200)
+    x = torch.randn(shape)
+    tuned = TunedLinear(linear.weight, linear.bias)
+    assert tuned.weight.t().is_contiguous()  # column-major
+    with torch.inference_mode():
+        torch.testing.assert_close(tuned(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choices_are_measured_once_and_kept(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    chooser = kernels.Chooser(path)
+    calls = []
+    monkeypatch.setattr(kernels.Chooser, "measure",
+                        staticmethod(lambda w, b, rows: calls.append(rows) or "mkl"))
+    weight = torch.randn(300, 64).t().contiguous().t()
+    for rows in (1, 3, 4, 3, 40):
+        assert chooser.kernel(torch.randn(rows, 64), weight, None) is kernels.KERNELS["mkl"]
+    assert calls == [1, 4, 64]  # row counts in power-of-two buckets, each measured once
+    assert set(kernels.Chooser(path).table) == {"300x64@1", "300x64@4", "300x64@64"}
+
+
+def test_measuring_picks_a_kernel_that_exists():
+    weight = torch.randn(300, 64).t().contiguous().t()
+    assert kernels.Chooser.measure(weight, None, 4) in kernels.KERNELS
+
+
+def test_a_forced_kernel_must_exist(monkeypatch):
+    monkeypatch.setattr(kernels, "_chooser", None)
+    monkeypatch.setenv("TRANSLATE_KERNEL", "blas9")
+    with pytest.raises(UsageError, match="TRANSLATE_KERNEL=blas9"):
+        kernels.chooser()

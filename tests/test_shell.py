@@ -195,3 +195,68 @@ def test_python_api_refuses_a_str(model_dir):
     translator = Translator.load(str(model_dir), device="cpu")
     with pytest.raises(TypeError, match="not one str"):
         translator.translate("Hi there")
+
+
+# ---- --workers: processes side by side ---------------------------------------------------
+
+LINES = [f"{text} {i}" if i % 7 else "" for i, text in
+         enumerate(["A dog runs.", "Two cats sleep in the sun.", "Ein Hund läuft."] * 70)]
+
+
+def test_workers_give_the_same_lines_in_the_same_order(model_dir, tmp_path):
+    data = ("\n".join(LINES) + "\n").encode() + b"bad \xff byte\n"
+    one = translate(model_dir, "-s", "greedy", input=data)
+    three = translate(model_dir, "-s", "greedy", "--workers", "3", input=data)
+    assert one.returncode == three.returncode == 0, three.stderr
+    assert three.stdout == one.stdout and len(three.stdout.splitlines()) == len(LINES) + 1
+    (tmp_path / "src").write_text("\n".join(LINES[:50]) + "\n")
+    scores = [subprocess.run(
+        [sys.executable, "-m", "cli.main", "eval", "-m", str(model_dir), *FAST, "--src",
+         tmp_path / "src", "--ref", tmp_path / "src", "--workers", n], cwd=ROOT,
+        capture_output=True, timeout=120).stdout.splitlines()[:2] for n in ("1", "2")]
+    assert scores[0] == scores[1] and scores[0][0].startswith(b"BLEU")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def started_with_workers(model_dir, n: int) -> tuple[subprocess.Popen, list[int]]:
+    """A run with `n` workers on a pipe that stays open, once its first line is out."""
+    proc = popen(model_dir, "-s", "greedy", "--workers", str(n), stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc.stdin.write(b"A dog runs.\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline()  # translated: the workers are up
+    workers = children(proc.pid)
+    assert len(workers) >= n
+    return proc, workers
+
+
+def test_ctrl_c_stops_every_worker(model_dir):
+    proc, workers = started_with_workers(model_dir, 2)
+    os.killpg(proc.pid, 2)  # the terminal sends SIGINT to the whole group
+    assert proc.wait(timeout=30) == 130
+    assert b"Traceback" not in proc.stderr.read()
+    time.sleep(0.5)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()
+                and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+
+
+def test_a_worker_that_dies_is_a_one_line_error(model_dir):
+    proc, workers = started_with_workers(model_dir, 2)
+    os.kill(workers[-1], 9)
+    proc.stdin.write(b"Two cats sleep.\n" * 50)
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 1
+    err = proc.stderr.read().decode()
+    assert "error: a translation worker" in err and "died (signal 9)" in err
+    assert "Traceback" not in err

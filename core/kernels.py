@@ -1,0 +1,139 @@
+"""The fastest float32 matrix product per CPU, layer shape and row count, found by measuring.
+
+Which kernel wins differs between CPUs and shapes: on an AMD EPYC, MKL's products at the few
+rows of a decoding step run far below what memory allows, and oneDNN's are up to 2-4x faster
+there, while on other shapes and row counts MKL wins. Both kernels read the same column-major
+weight (core.precision), so choosing costs no memory. The first time a (shape, rows) pair runs
+on a machine, each kernel is timed on that very layer (a few calls, some milliseconds; about a
+second for a 58k-row output layer at 256 rows); the choice is kept per CPU model, torch version
+and thread count in the user cache (`kernels/*.json` under $TRANSLATE_CACHE or
+~/.cache/translate), so later runs start with it.
+
+TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.userdir import cache_root
+
+Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+KERNELS: dict[str, Kernel] = {"mkl": F.linear}
+if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    KERNELS["onednn"] = onednn
+TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
+
+
+def bucket(rows: int) -> int:
+    """Row counts measured as one: the next power of two, up to 256."""
+    return 1 << min(max(rows - 1, 0).bit_length(), 8)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (virtual machines often name
+    every generation of a vendor's CPUs alike, e.g. "AMD EPYC")."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return os.uname().machine
+    fields = {key: re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
+              for key in ("model name", "cpu family", "model")}
+    name = fields["model name"][1].strip() if fields["model name"] else os.uname().machine
+    if fields["cpu family"] and fields["model"]:
+        name += f" family {fields['cpu family'][1].strip()} model {fields['model'][1].strip()}"
+    return name
+
+
+class Chooser:
+    """Kernel names by (out, in, row bucket), measured where missing, kept in `path`."""
+
+    def __init__(self, path: Path | None, forced: str | None = None):
+        self.path, self.forced = path, forced
+        self.threads = torch.get_num_threads()  # the choices hold for this many threads
+        self.table: dict[str, str] = {}
+        if path is not None:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.table = {k: v for k, v in data.get("choices", {}).items() if v in KERNELS}
+            except (OSError, ValueError, AttributeError):
+                pass  # none yet, or unreadable: measured again
+
+    def kernel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Kernel:
+        if self.forced:
+            return KERNELS[self.forced]
+        rows = bucket(x.numel() // max(x.size(-1), 1))
+        key = f"{weight.size(0)}x{weight.size(1)}@{rows}"
+        name = self.table.get(key)
+        if name is None:
+            name = self.table[key] = self.measure(weight, bias, rows)
+            self.save()
+        return KERNELS[name]
+
+    @staticmethod
+    def measure(weight: Tensor, bias: Tensor | None, rows: int) -> str:
+        x = torch.randn(rows, weight.size(1), dtype=weight.dtype)
+        best, best_s = "mkl", float("inf")
+        with torch.inference_mode():
+            for name, kernel in KERNELS.items():
+                kernel(x, weight, bias)
+                for _ in range(TIMED_CALLS):
+                    start = time.perf_counter()
+                    kernel(x, weight, bias)
+                    seconds = time.perf_counter() - start
+                    if seconds < best_s:
+                        best, best_s = name, seconds
+        return best
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:  # a cache that cannot be written only costs measuring again next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".kernels.", suffix=".part")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"cpu": cpu_name(), "torch": torch.__version__,
+                           "threads": self.threads, "choices": self.table}, f,
+                          indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
+_chooser: Chooser | None = None
+
+
+def chooser() -> Chooser:
+    """The process's Chooser, made on first use for the current thread count."""
+    global _chooser
+    threads = torch.get_num_threads()
+    if _chooser is None or _chooser.threads != threads:
+        forced = os.environ.get("TRANSLATE_KERNEL") or None
+        if forced is not None and forced not in KERNELS:
+            from core.errors import UsageError
+
+            raise UsageError(f"TRANSLATE_KERNEL={forced}: choose from {', '.join(KERNELS)}")
+        slug = re.sub(r"[^\w.-]+", "_", cpu_name()).strip("_")[:80]
+        path = cache_root() / "kernels" / f"{slug}-torch{torch.__version__}-t{threads}.json"
+        _chooser = Chooser(path, forced)
+    return _chooser
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear with the kernel chosen for this shape and row count on this machine."""
+    return chooser().kernel(x, weight, bias)(x, weight, bias)
