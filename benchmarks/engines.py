@@ -28,8 +28,14 @@ if TYPE_CHECKING:
     from benchmarks.workloads import Workload
 
 THREADS = 2
-MODES = {"transformers": ("float32", "bfloat16"), "ct2": ("float32", "int8_float32"),
-         "ours": ("float32", "bfloat16", "float16", "int8")}
+# a mode is a precision, and for the throughput workloads (W3, W4) a way to run in parallel:
+# "-best" is CTranslate2's best configuration on a 2-core machine (1 intra thread x 2 inter
+# threads for batches, 1 thread for a single sentence), "-w2" ours with --workers 2 (two
+# forked processes of one thread each, sharing the weights); both see the whole workload at
+# once, as translate_batch and --workers do, and neither applies to a single sentence's W1/W2
+MODES = {"transformers": ("float32", "bfloat16"),
+         "ct2": ("float32", "int8_float32", "float32-best", "int8_float32-best"),
+         "ours": ("float32", "bfloat16", "float16", "int8", "float32-w2", "int8-w2")}
 
 # a runner decodes one batch (a tuple of id tuples) and returns each sentence's output length
 Runner = Callable[[tuple[tuple[int, ...], ...]], list[int]]
@@ -71,12 +77,15 @@ def load_transformers(mode: str, beam: int) -> Runner:
         new = out[:, 1:]
         return [new.size(1) if not (row == EOS).any() else -1 for row in new]
 
-    run.load_s = load_s
+    run.load_s, run.whole = load_s, False
     return run
 
 
-def load_ct2(mode: str, beam: int) -> Runner:
+def load_ct2(mode: str, beam: int, single: bool = False) -> Runner:
     import ctranslate2
+
+    mode, _, variant = mode.partition("-")
+    intra, inter = ((1, 1) if single else (1, 2)) if variant == "best" else (THREADS, 1)
 
     # ids -> the pieces CTranslate2 takes; its vocabulary is vocab.json's order (without the
     # last entry, <pad>, which it drops because its decoder starts from a zero vector)
@@ -84,12 +93,14 @@ def load_ct2(mode: str, beam: int) -> Runner:
     pieces = [piece for piece, _ in sorted(vocab.items(), key=lambda item: item[1])]
     start = time.perf_counter()
     translator = ctranslate2.Translator(str(CT2), device="cpu", compute_type=mode,
-                                        intra_threads=THREADS, inter_threads=1)
+                                        intra_threads=intra, inter_threads=inter)
     load_s = time.perf_counter() - start  # the model only, not the library imports
 
     def run(batch):
         # sources keep their </s>: the converted Marian model does not add it (add_source_eos
         # is false), just as opus-mt's tokenizer output ends with it
+        if variant == "best":  # the whole workload: inter threads take batches of 32 each
+            batch = [s for b in batch for s in b]
         source = [[pieces[i] for i in s] for s in batch]
         # max_decoding_length counts decoding steps: an EOS would take one, but EOS is banned
         # for the first min_decoding_length steps, so each hypothesis is exactly 30 pieces
@@ -99,16 +110,17 @@ def load_ct2(mode: str, beam: int) -> Runner:
         return [len(r.hypotheses[0]) if "</s>" not in r.hypotheses[0] else -1
                 for r in results]
 
-    run.load_s = load_s
+    run.load_s, run.whole = load_s, variant == "best"
     return run
 
 
-def load_ours(mode: str, beam: int) -> Runner:
+def load_ours(mode: str, beam: int, single: bool = False) -> Runner:
     torch = torch_threads()
     from core import checkpoint
     from core.generate import generate
     from core.search import DecodeOptions
 
+    mode, _, variant = mode.partition("-")
     start = time.perf_counter()
     ckpt = checkpoint.load(str(OURS), "cpu", dtype=mode)
     load_s = time.perf_counter() - start  # the model only, not the library imports
@@ -124,8 +136,31 @@ def load_ours(mode: str, beam: int) -> Runner:
             hyps.update(step.finished)
         return [len(hyps[i][0].tokens) if i in hyps else -1 for i in range(len(batch))]
 
-    run.load_s = load_s
-    return run
+    run.load_s, run.whole = load_s, variant == "w2"
+    if variant != "w2":
+        return run
+    import multiprocessing
+
+    # forked after the load, as --workers does: the workers share the weights (and find the
+    # runner in this module's global, which a closure cannot be pickled into)
+    global _RUN
+    _RUN = run
+    pool = multiprocessing.get_context("fork").Pool(2, initializer=torch.set_num_threads,
+                                                    initargs=(1,))
+
+    def in_workers(batches):
+        return [n for lengths in pool.map(_run_in_worker, batches, chunksize=1)
+                for n in lengths]
+
+    in_workers.load_s, in_workers.whole = load_s, True
+    return in_workers
+
+
+_RUN: Runner | None = None
+
+
+def _run_in_worker(batch):
+    return _RUN(batch)
 
 
 LOADERS = {"transformers": load_transformers, "ct2": load_ct2, "ours": load_ours}
@@ -145,7 +180,7 @@ def one_pass(run: Runner, workload: Workload) -> tuple[float, bool]:
     """Wall time of decoding the whole workload, and whether every sentence got 30 tokens."""
     ok = True
     start = time.perf_counter()
-    for batch in workload.batches:
+    for batch in [workload.batches] if run.whole else workload.batches:
         ok &= all(n == NEW_TOKENS for n in run(batch))
     return time.perf_counter() - start, ok
 
@@ -163,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     workload = WORKLOADS[args.workload]
     repeats = args.repeats or (5 if workload.sentences == 1 else 3)
 
-    run = LOADERS[args.engine](args.mode, workload.beam)
+    single = workload.sentences == 1
+    if single and args.mode.endswith("-w2"):
+        parser.error("workers translate batches side by side: not for one sentence (W1/W2)")
+    loader = LOADERS[args.engine]
+    run = (loader(args.mode, workload.beam, single) if args.engine != "transformers"
+           else loader(args.mode, workload.beam))
 
     _, ok = one_pass(run, workload)  # warm-up: first-call allocations, lazy init
     speeds = []

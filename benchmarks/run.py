@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.engines import MODES, THREADS
 from benchmarks.workloads import NEW_TOKENS, RESULTS, WORKLOADS
+from core.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSLATE = Path(sys.executable).parent / "translate"  # the CLI of this environment
@@ -139,7 +140,6 @@ def environment() -> dict:
             return "not installed"
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
     have = set(flags[1].split()) if flags else set()
     commit = subprocess.run(["git", "describe", "--always", "--dirty"],
@@ -151,7 +151,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": version("torch"), "transformers": version("transformers"),
         "ctranslate2": version("ctranslate2"),
-        "cpu": model[1].strip() if model else platform.processor() or "unknown",
+        "cpu": cpu_name(),  # with family and model: VMs often say only "AMD EPYC"
         "cpu_flags": [f for f in ISA_FLAGS if f in have],
         "cores": os.cpu_count(), "threads": THREADS,
         "idle_before_start_percent": round(cpu_idle_percent(), 1),
@@ -268,11 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         log(f"warning: the CPUs are only {env['idle_before_start_percent']:.0f}% idle; other "
             "processes will skew the numbers")
     runs = []
-    total = len(pairs) * len(WORKLOADS)
+    total = sum(not (m.endswith("-w2") and w.sentences == 1)
+                for w in WORKLOADS.values() for _, m in pairs)
     # workload by workload: the engines compared in one row run minutes apart, not half an
     # hour, so a slow spell of a shared machine skews a row less
     for workload in WORKLOADS:
         for engine, mode in pairs:
+            if mode.endswith("-w2") and WORKLOADS[workload].sentences == 1:
+                continue  # workers share out batches; one sentence has none to share
             log(f"[{len(runs) + 1}/{total}] {engine} {mode} {workload} ...")
             result = run_engine(engine, mode, workload, args.repeats)
             runs.append(result)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.machine import cpu_name
 from core.userdir import cache_root
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -43,21 +44,6 @@ TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
 def bucket(rows: int) -> int:
     """Row counts measured as one: the next power of two, up to 256."""
     return 1 << min(max(rows - 1, 0).bit_length(), 8)
-
-
-def cpu_name() -> str:
-    """The CPU's model name, with its family and model numbers (virtual machines often name
-    every generation of a vendor's CPUs alike, e.g. "AMD EPYC")."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return os.uname().machine
-    fields = {key: re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
-              for key in ("model name", "cpu family", "model")}
-    name = fields["model name"][1].strip() if fields["model name"] else os.uname().machine
-    if fields["cpu family"] and fields["model"]:
-        name += f" family {fields['cpu family'][1].strip()} model {fields['model'][1].strip()}"
-    return name
 
 
 class Chooser:
