@@ -19,7 +19,8 @@ from typer.core import TyperCommand, TyperGroup
 
 from cli import options as opt
 from cli.console import BROKEN_PIPE, err, fail
-from cli.render import format_result, progress_bar, stream_to_terminal, write_line
+from cli import views
+from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
 
 
@@ -27,7 +28,7 @@ class DefaultCommand(TyperCommand):
     """The translate command presents itself as `translate`, not `translate text`, and shows
     its options in groups."""
 
-    SECTIONS = {"Input and output": ["input", "output", "fmt"],
+    SECTIONS = {"Input and output": ["input", "output", "fmt", "show", "layer"],
                 "Model": ["source", "to", "via", "model", "revision", "device", "dtype", "batch_size",
                           "workers"],
                 "Decoding": list(opt.FLAGS)}
@@ -246,10 +247,19 @@ def translate_command(
     workers: Workers = 1,
     fmt: Annotated[str, typer.Option("--format", metavar="[text|jsonl]",
                                      help="Output format.")] = "text",
+    show: Annotated[Optional[str], typer.Option(
+        "--show", metavar="confidence,attention", show_default=False,
+        help="What the model thinks: words coloured by confidence on a terminal (jsonl: "
+             "\"tokens\"); the cross-attention as a heat map on stderr (jsonl: "
+             "\"alignment\").")] = None,
+    layer: Annotated[int, typer.Option(
+        metavar="N", help="The decoder layer whose attention --show attention draws; -1 is "
+        "the last.")] = -1,
     debug: Debug = False,
     decoding: dict = None,
 ) -> None:
-    """Translate text: an argument, lines piped in, or a file; one output line per input line."""
+    """Translate text: an argument, lines piped in, or a file; one output line per input line.
+    On a terminal with nothing to read, an interactive session."""
     with fail(debug):
         from core.errors import UsageError
 
@@ -260,26 +270,36 @@ def translate_command(
         opt.check_placement(device, dtype)
         check_output(output)  # before torch and the model load: a bad -o costs nothing
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
+        from cli.session import Session, Viewer, explain_line, parse_show, scores
+
+        shown = parse_show(show)
+        if not text and input is None and output is None and sys.stdin.isatty() \
+                and sys.stdout.isatty():
+            from rich.console import Console
+
+            from core.userdir import state_root
+
+            Session(lambda src, tgt: make_router(model, revision, src, tgt, via, device, dtype,
+                                                 batch_size),
+                    to, source, flags, Console(highlight=False, soft_wrap=True),
+                    state_root() / "history", show=shown, layer=layer).run()
+            return
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
             router = make_router(model, revision, source, to, via, device, dtype, batch_size)
             decoding = router.translator(router.default[-1]).options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
-            live = (text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
-                    and decoding.n_best == 1)
+            live = text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
             with open_output(output) as out, engine(router, flags, workers) as run:
                 if live:
                     from rich.console import Console
 
-                    console = Console(highlight=False, soft_wrap=True)
+                    if "confidence" in shown:
+                        err().print(views.legend())
+                    viewer = Viewer(router, flags, Console(highlight=False, soft_wrap=True),
+                                    show=shown, layer=layer)
                     for line in lines:
-                        route, notes = router.route(line)
-                        for note in notes:
-                            err().print(f"warning: {note}")
-                        if route is None:
-                            console.print(line, markup=False)
-                            continue
-                        stream_to_terminal(console, router.stream(route, line, flags))
+                        viewer.line(line)
                 else:
                     sources, queued = itertools.tee(lines)
                     results = run(queued, on_split=warn_split, ready=lines.ready)
@@ -288,7 +308,16 @@ def translate_command(
                     warn = Warnings()
                     with progress_bar(err, total, enabled=bar) as advance:
                         for number, (line, nbest) in enumerate(zip(sources, results), 1):
-                            write_line(out, format_result(line, nbest, fmt, decoding.n_best))
+                            extra = None
+                            if shown and line.strip():
+                                route, _ = router.route(line)
+                                found = explain_line(router, route, line, flags, layer)[2] \
+                                    if route else []
+                                extra = scores(found, shown) if fmt == "jsonl" else None
+                                for e in found if "attention" in shown else []:
+                                    err().print(views.heatmap(e, err().width))
+                            write_line(out, format_result(line, nbest, fmt, decoding.n_best,
+                                                          extra))
                             warn(number, nbest[0].warnings)
                             advance()
                     warn.close()

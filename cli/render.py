@@ -11,14 +11,16 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
+def format_result(source: str, nbest: list, fmt: str, n_best: int, extra: dict | None = None
+                  ) -> str:
     """One output line per input line (without the newline).
 
     text:   the best translation; with --n-best N, N fields pairs `translation<TAB>score`,
             best first (tabs inside a translation become spaces)
     jsonl:  {"source", "translation", "score", "warnings"}, "pivot" (the text in the pivot
             language) where two models made it, and, with --n-best, "nbest": [{"text",
-            "score"}]; warnings are those of the best translation
+            "score"}]; warnings are those of the best translation; then `extra` (--show:
+            "tokens", "alignment")
     """
     if fmt == "jsonl":
         record = {"source": source, "translation": nbest[0].text, "score": round(nbest[0].score, 4)}
@@ -27,6 +29,7 @@ def format_result(source: str, nbest: list, fmt: str, n_best: int) -> str:
         if n_best > 1:
             record["nbest"] = [{"text": c.text, "score": round(c.score, 4)} for c in nbest]
         record["warnings"] = nbest[0].warnings
+        record.update(extra or {})
         return json.dumps(record, ensure_ascii=False)
     if n_best > 1:
         return "\t".join(f"{c.text.replace(chr(9), ' ')}\t{c.score:.4f}" for c in nbest)
