@@ -5,11 +5,9 @@ torch is imported only inside the commands that need it, so `--help` stays insta
 from __future__ import annotations
 
 import atexit
-import functools
 import itertools
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,8 +16,10 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from cli import options as opt
-from cli.console import BROKEN_PIPE, err, fail
 from cli import views
+from cli.batch import batch_command
+from cli.console import BROKEN_PIPE, err, fail
+from cli.engine import engine, make_router
 from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
 
@@ -102,95 +102,6 @@ def group(version: Annotated[bool, typer.Option(
     """Translate text on the shell with a Transformer encoder-decoder."""
 
 
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", metavar="NAME|DIR|ID",
-    help="Embedded model name (en-de, de-en), checkpoint directory, Marian directory (Hugging "
-         "Face layout), or Hugging Face Hub id OWNER/NAME [default: en-de].")]
-Revision = Annotated[Optional[str], typer.Option(
-    metavar="REV", help="Branch, tag or commit of a Hub model [default: main].",
-    show_default=False)]
-From = Annotated[Optional[str], typer.Option(
-    "--from", "-f", metavar="LANG", show_default=False,
-    help="Source language (de, deu, ...): with --to, picks the model for the pair (installed, "
-         "through English, or from the Hub) unless -m.")]
-To = Annotated[Optional[str], typer.Option(
-    "--to", "-t", metavar="LANG", show_default=False,
-    help="Target language: picks the model into it unless -m; with a multilingual "
-         "model, its target (adds >>fra<< for fra).")]
-Via = Annotated[Optional[str], typer.Option(
-    "--via", metavar="LANG", show_default=False,
-    help="Translate through LANG with two models (needs --to) [default: through en when no "
-         "model for the pair is installed].")]
-Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
-BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
-Workers = Annotated[int, typer.Option(
-    metavar="N", help="Processes translating side by side, one thread each, sharing the model "
-    "(for throughput on files and pipes).")]
-Dtype = Annotated[str, typer.Option(
-    metavar="[float32|bfloat16|float16|int8]",
-    help="Precision; int8 (quantized linear layers) is the fastest on a CPU, float16 (half "
-         "the weight bytes, float32 arithmetic; CPU only) next.")]
-
-
-def make_router(model, revision, source, to, via, device, dtype, batch_size, *, detect=True):
-    """The Router for -m/--from/--to/--via: -m or --from (or not `detect`) fix the route (lines
-    in another language get a warning, when `detect`); otherwise each line goes to the
-    installed models for its detected language, and with --to a line already in that language
-    is passed through. Each model is
-    loaded once, when a line first needs it; translator.options(**flags) then decodes as the
-    model suggests where the flags are silent, as the Python API does."""
-    from core import models
-    from core.detect import Detector
-    from core.errors import UsageError
-    from core.route import Router
-    from core.translator import Translator
-    from core.userdir import cache_root
-
-    if via is not None and (model is not None or to is None):
-        raise UsageError("--via needs --to, and chains two models: not with -m" if model is None
-                         else "--via chains two models; -m names one")
-
-    def load(path):
-        return Translator.load(path, device=device, dtype=dtype,
-                               revision=revision if path == model else None,
-                               to=to if model is not None else None, batch_size=batch_size)
-
-    found = models.installed()  # one scan of the embedded models and the cache
-    fixed = model is not None or source is not None or not detect
-    if fixed:
-        default = models.pick(model, source, to, via=via, found=found,
-                              say=lambda note: err().print(f"note: {note}"))
-        table = {}
-    else:
-        table = models.routes(found, to, via)
-        if not table:
-            models.pick(None, None, to, found=found)  # raises, listing what is installed
-        default = table.get("en", next(iter(table.values())))  # unsure: as the default model
-    languages = set(models.languages(found)) | ({models.language(to)} if to else set())
-    detector = (Detector(sorted(languages), cache_root())
-                if detect and len(languages) > 1 else None)
-    return Router(load, table, default or (models.DEFAULT_MODEL,),
-                  detect=detector.detect if detector else None,
-                  target=models.language(to) if to and not fixed else None, fixed=fixed)
-
-
-@contextmanager
-def engine(router, flags: dict, workers: int):
-    """lines -> each line's n-best, in order: the router itself, or `workers` processes."""
-    from core.errors import UsageError
-
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    if workers == 1:
-        yield functools.partial(router.iter_translate, flags=flags)
-        return
-    from core.workers import Workers
-
-    with Workers(router, flags, workers) as pool:
-        yield pool.iter_translate
-
-
 def warn_split(line: int, pieces: int) -> None:
     err().print(f"warning: line {line} is longer than the model reads at once; translated in "
               f"{pieces} pieces")
@@ -224,9 +135,11 @@ def report_invalid(numbers: list[int]) -> None:
         err().print(f"warning: invalid UTF-8 replaced on line(s) {shown}")
 
 
-@app.command("text", cls=DefaultCommand, epilog="Other commands: translate models | download | "
-                                                "train | eval  (see translate COMMAND --help)")
+@app.command("text", cls=DefaultCommand, epilog="Other commands: translate batch | models | "
+                                                "download | train | eval  (see translate "
+                                                "COMMAND --help)")
 @opt.with_decoding()
+@opt.with_model()
 def translate_command(
     text: Annotated[Optional[list[str]], typer.Argument(
         help="Text to translate; without it, lines come from -i FILE or stdin.",
@@ -236,15 +149,8 @@ def translate_command(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", metavar="FILE", help="Write to FILE: a regular file is replaced only "
         "when complete; a FIFO or device is written as a stream; - is stdout.")] = None,
-    model: Model = None,
-    revision: Revision = None,
-    source: From = None,
-    to: To = None,
-    via: Via = None,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    batch_size: BatchSize = 32,
-    workers: Workers = 1,
+    batch_size: opt.BatchSize = 32,
+    workers: opt.Workers = 1,
     fmt: Annotated[str, typer.Option("--format", metavar="[text|jsonl]",
                                      help="Output format.")] = "text",
     show: Annotated[Optional[str], typer.Option(
@@ -255,7 +161,8 @@ def translate_command(
     layer: Annotated[int, typer.Option(
         metavar="N", help="The decoder layer whose attention --show attention draws; -1 is "
         "the last.")] = -1,
-    debug: Debug = False,
+    debug: opt.Debug = False,
+    chosen: dict = None,
     decoding: dict = None,
 ) -> None:
     """Translate text: an argument, lines piped in, or a file; one output line per input line.
@@ -267,7 +174,7 @@ def translate_command(
             raise UsageError(f"unknown format '{fmt}'; use text or jsonl")
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        opt.check_placement(device, dtype)
+        opt.check_placement(chosen["device"], chosen["dtype"])
         check_output(output)  # before torch and the model load: a bad -o costs nothing
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
         from cli.session import Session, Viewer, explain_line, parse_show, scores
@@ -279,14 +186,14 @@ def translate_command(
 
             from core.userdir import state_root
 
-            Session(lambda src, tgt: make_router(model, revision, src, tgt, via, device, dtype,
-                                                 batch_size),
-                    to, source, flags, Console(highlight=False, soft_wrap=True),
+            Session(lambda src, tgt: make_router(**{**chosen, "source": src, "to": tgt},
+                                                 batch_size=batch_size),
+                    chosen["to"], chosen["source"], flags, Console(highlight=False, soft_wrap=True),
                     state_root() / "history", show=shown, layer=layer).run()
             return
         invalid: list[int] = []
         with open_input(text, input, invalid.append) as lines:
-            router = make_router(model, revision, source, to, via, device, dtype, batch_size)
+            router = make_router(**chosen, batch_size=batch_size)
             decoding = router.translator(router.default[-1]).options(**flags)
             # token by token for text given as arguments; lines of a file or pipe are batched
             live = text and is_stdout(output) and sys.stdout.isatty() and fmt == "text"
@@ -324,6 +231,8 @@ def translate_command(
         report_invalid(invalid)
 
 
+app.command("batch")(batch_command)
+
 models_app = typer.Typer(help="List the models -m accepts by name; remove cached ones.")
 app.add_typer(models_app, name="models")
 COLUMNS = ("name", "languages", "size", "precision", "where", "decoding", "path")
@@ -333,7 +242,7 @@ COLUMNS = ("name", "languages", "size", "precision", "where", "decoding", "path"
 def models_command(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list, every field.")] = False,
-    debug: Debug = False,
+    debug: opt.Debug = False,
 ) -> None:
     """List the installed models: embedded ones, then converted Marian models in the cache. A
     table on a terminal; tab-separated lines with a header on a pipe; --json."""
@@ -372,7 +281,7 @@ def models_command(
 def models_remove(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A cached model's name or path.",
                                         show_default=False)],
-    debug: Debug = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Delete a converted model from the cache (embedded models stay)."""
     with fail(debug):
@@ -386,8 +295,8 @@ def download_command(
     repo: Annotated[str, typer.Argument(
         help="Hugging Face Hub id, e.g. Helsinki-NLP/opus-mt-en-fr.", metavar="ID",
         show_default=False)],
-    revision: Revision = None,
-    debug: Debug = False,
+    revision: opt.Revision = None,
+    debug: opt.Debug = False,
 ) -> None:
     """Fetch a Marian (opus-mt) model from the Hugging Face Hub and convert it for -m ID;
     prints the converted directory."""
@@ -402,23 +311,18 @@ def download_command(
 
 @app.command("eval")
 @opt.with_decoding(exclude=("n_best",))
+@opt.with_model()
 def eval_command(
     src: Annotated[Path, typer.Option(help="Source sentences, one per line.")],
     ref: Annotated[Path, typer.Option(help="Reference translations, line-aligned with --src.")],
-    model: Model = None,
-    revision: Revision = None,
-    source: From = None,
-    to: To = None,
-    via: Via = None,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    batch_size: BatchSize = 64,
-    workers: Workers = 1,
+    batch_size: opt.BatchSize = 64,
+    workers: opt.Workers = 1,
     hyp: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Also write the translations to FILE.")] = None,
     lowercase: Annotated[bool, typer.Option(
         "--lowercase", "-lc", help="Case-insensitive BLEU.")] = False,
-    debug: Debug = False,
+    debug: opt.Debug = False,
+    chosen: dict = None,
     decoding: dict = None,
 ) -> None:
     """Translate --src and score it against --ref: sacreBLEU BLEU and chrF, and speed."""
@@ -431,12 +335,12 @@ def eval_command(
         from core.errors import DataError
 
         flags, decoding = decoding, opt.decode_options(**decoding)  # bad flags fail early
-        opt.check_placement(device, dtype)
+        opt.check_placement(chosen["device"], chosen["dtype"])
         check_output(hyp)  # before translating: a bad -o costs nothing
         sources, refs = read_lines(src), read_lines(ref)
         if len(sources) != len(refs):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        router = make_router(model, revision, source, to, via, device, dtype, batch_size,
+        router = make_router(**chosen, batch_size=batch_size,
                              detect=False)  # every line the same route: one thing measured
         translator = router.translator(router.default[-1])  # the model that writes the output
         decoding = translator.options(**flags)
@@ -479,7 +383,7 @@ def train_command(
     warmup: Annotated[Optional[int], typer.Option(help="Warm-up steps.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads per process.")] = None,
-    debug: Debug = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Train a model (and its tokenizer) on parallel text; resumes OUT if it holds a run.
 

@@ -1,5 +1,6 @@
-"""Decoding flags, declared once and added to every command that decodes (translate, eval),
-and the rules that combine them into DecodeOptions."""
+"""The options of the commands that translate, declared once: the model and where it runs
+(translate, eval, batch), and the decoding flags, added to every command that decodes, with
+the rules that combine them into DecodeOptions."""
 
 from __future__ import annotations
 
@@ -12,6 +13,37 @@ from typing import Annotated, Optional
 import typer
 
 from core.errors import UsageError
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="NAME|DIR|ID",
+    help="Embedded model name (en-de, de-en), checkpoint directory, Marian directory (Hugging "
+         "Face layout), or Hugging Face Hub id OWNER/NAME [default: en-de].")]
+Revision = Annotated[Optional[str], typer.Option(
+    metavar="REV", help="Branch, tag or commit of a Hub model [default: main].",
+    show_default=False)]
+From = Annotated[Optional[str], typer.Option(
+    "--from", "-f", metavar="LANG", show_default=False,
+    help="Source language (de, deu, ...): with --to, picks the model for the pair (installed, "
+         "through English, or from the Hub) unless -m.")]
+To = Annotated[Optional[str], typer.Option(
+    "--to", "-t", metavar="LANG", show_default=False,
+    help="Target language: picks the model into it unless -m; with a multilingual "
+         "model, its target (adds >>fra<< for fra).")]
+Via = Annotated[Optional[str], typer.Option(
+    "--via", metavar="LANG", show_default=False,
+    help="Translate through LANG with two models (needs --to) [default: through en when no "
+         "model for the pair is installed].")]
+Device = Annotated[str, typer.Option(metavar="[auto|cpu|cuda]", help="Where to run.")]
+BatchSize = Annotated[int, typer.Option(metavar="N", help="Sentences decoded together.")]
+Workers = Annotated[int, typer.Option(
+    metavar="N", help="Processes translating side by side, one thread each, sharing the model "
+    "(for throughput on files and pipes).")]
+Dtype = Annotated[str, typer.Option(
+    metavar="[float32|bfloat16|float16|int8]",
+    help="Precision; int8 (quantized linear layers) is the fastest on a CPU, float16 (half "
+         "the weight bytes, float32 arithmetic; CPU only) next.")]
+
 
 def flag(kind, *names: str, help: str, metavar: str = "N"):
     return Annotated[Optional[kind], typer.Option(*names, help=help, show_default=False,
@@ -46,29 +78,47 @@ FLAGS = {
 }
 
 
-def with_decoding(*, exclude: tuple[str, ...] = ()):
-    """Give a command the decoding flags; it receives them as one dict, `decoding`, to turn
-    into DecodeOptions with `decode_options(**decoding)` inside its error handling."""
-    names = [n for n in FLAGS if n not in exclude]
+# the model and where it runs: name -> (annotation, default)
+MODEL = {"model": (Model, None), "revision": (Revision, None), "source": (From, None),
+         "to": (To, None), "via": (Via, None), "device": (Device, "auto"),
+         "dtype": (Dtype, "float32")}
+
+
+def with_group(group: str, table: dict[str, tuple], exclude: tuple[str, ...] = ()):
+    """Give a command the options of `table` (name -> (annotation, default)); it receives
+    them as one dict, its parameter named `group`."""
+    names = [n for n in table if n not in exclude]
 
     def decorate(command):
         hints = typing.get_type_hints(command, include_extras=True)  # resolve string annotations
         signature = inspect.signature(command)
         own = [p.replace(annotation=hints[p.name], kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in signature.parameters.values() if p.name != "decoding"]
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                   annotation=FLAGS[n]) for n in names]
+               for p in signature.parameters.values() if p.name != group]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=table[n][1],
+                                   annotation=table[n][0]) for n in names]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            decoding = {n: kwargs.pop(n) for n in names}
-            return command(**kwargs, decoding=decoding)
+            values = {n: kwargs.pop(n) for n in names}
+            return command(**kwargs, **{group: values})
 
         wrapper.__signature__ = signature.replace(parameters=own + extra)
         wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
         return wrapper
 
     return decorate
+
+
+def with_decoding(*, exclude: tuple[str, ...] = ()):
+    """The decoding flags, as one dict `decoding`, to turn into DecodeOptions with
+    `decode_options(**decoding)` inside the command's error handling."""
+    return with_group("decoding", {n: (a, None) for n, a in FLAGS.items()}, exclude)
+
+
+def with_model():
+    """The model options (-m, --revision, --from, --to, --via, --device, --dtype), as one
+    dict `chosen`, for cli.engine.make_router(**chosen, batch_size=...)."""
+    return with_group("chosen", MODEL)
 
 
 def check_placement(device: str, dtype: str) -> None:

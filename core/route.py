@@ -1,6 +1,6 @@
 """Lines to models by language: each line goes to the model for the language it is in.
 
-The CLI makes a Router from -m/--from/--to and what is installed (core.models): with -m or
+build() makes a Router from -m/--from/--to and what is installed (core.models): with -m or
 --from one model takes every line, and a line confidently in another language gets a warning;
 otherwise a line goes to the installed model for its detected language (core.detect), lines
 too short to judge to the default route, and with --to a line already in that language comes
@@ -104,3 +104,44 @@ class Router:
         if len(route) > 1:
             line = next(self.run(route[:-1], [line], {**flags, "n_best": 1}))[0].text
         return self.translator(route[-1]).stream(line, **flags)
+
+
+def build(model: str | None = None, *, revision: str | None = None, source: str | None = None,
+          to: str | None = None, via: str | None = None, device: str = "auto",
+          dtype: str = "float32", batch_size: int = 32, detect: bool = True,
+          say: Callable[[str], None] = lambda note: None) -> Router:
+    """The Router for -m/--from/--to/--via: -m or --from (or not `detect`) fix the route (lines
+    in another language get a warning, when `detect`); otherwise each line goes to the
+    installed models for its detected language, and with --to a line already in that language
+    is passed through. Each model is loaded once, when a line first needs it, and decodes as
+    it suggests where the flags are silent; `say(note)` hears of downloads and pivots."""
+    from core import models
+    from core.detect import Detector
+    from core.errors import UsageError
+    from core.userdir import cache_root
+
+    if via is not None and (model is not None or to is None):
+        raise UsageError("--via needs --to, and chains two models: not with -m" if model is None
+                         else "--via chains two models; -m names one")
+
+    def load(path):
+        return Translator.load(path, device=device, dtype=dtype,
+                               revision=revision if path == model else None,
+                               to=to if model is not None else None, batch_size=batch_size)
+
+    found = models.installed()  # one scan of the embedded models and the cache
+    fixed = model is not None or source is not None or not detect
+    if fixed:
+        default = models.pick(model, source, to, via=via, found=found, say=say)
+        table = {}
+    else:
+        table = models.routes(found, to, via)
+        if not table:
+            models.pick(None, None, to, found=found)  # raises, listing what is installed
+        default = table.get("en", next(iter(table.values())))  # unsure: as the default model
+    languages = set(models.languages(found)) | ({models.language(to)} if to else set())
+    detector = (Detector(sorted(languages), cache_root())
+                if detect and len(languages) > 1 else None)
+    return Router(load, table, default or (models.DEFAULT_MODEL,),
+                  detect=detector.detect if detector else None,
+                  target=models.language(to) if to and not fixed else None, fixed=fixed)
