@@ -210,6 +210,12 @@ def translate_command(
                 else:
                     sources, queued = itertools.tee(lines)
                     results = run(queued, on_split=warn_split, ready=lines.ready)
+                    screen = None  # alternatives as a table on a terminal
+                    if decoding.n_best > 1 and fmt == "text" and is_stdout(output) \
+                            and sys.stdout.isatty():
+                        from rich.console import Console
+
+                        screen = Console(highlight=False, soft_wrap=True)
                     total = count_lines(input) if input is not None else None
                     bar = sys.stderr.isatty() and not text
                     warn = Warnings()
@@ -223,8 +229,11 @@ def translate_command(
                                 extra = scores(found, shown) if fmt == "jsonl" else None
                                 for e in found if "attention" in shown else []:
                                     err().print(views.heatmap(e, err().width))
-                            write_line(out, format_result(line, nbest, fmt, decoding.n_best,
-                                                          extra))
+                            if screen is not None:
+                                screen.print(views.nbest_table(nbest))
+                            else:
+                                write_line(out, format_result(line, nbest, fmt,
+                                                              decoding.n_best, extra))
                             warn(number, nbest[0].warnings)
                             advance()
                     warn.close()

@@ -178,3 +178,14 @@ def test_interactive_session(tokenizer, tmp_path):
         assert TEXTS[0] in history and ":beam 3" in history
     finally:
         screen.close()
+
+
+def test_nbest_on_a_terminal_is_a_table_per_line(model_dir, tmp_path):
+    from test_shell import on_a_terminal
+
+    source = tmp_path / "in.txt"
+    source.write_text(f"{TEXTS[0]}\n{TEXTS[2]}\n")
+    code, screen = on_a_terminal([sys.executable, "-m", "cli.main", "-m", str(model_dir),
+                                  "--n-best", "2", "--max-length", "6", "-i", str(source)])
+    assert code == 0, screen
+    assert screen.count("rank") == 2 and "\t" not in screen
