@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ from core.model import Transformer
 from core.tokenizer import Tokenizer, train_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead
+# a suite started in the background of a non-interactive shell inherits SIGINT ignored, and so
+# would every process it starts, which makes the Ctrl-C tests meaningless: a handler here is
+# reset to the default in each child at exec, so the children can be interrupted again
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # nothing in the tests may reach the Hugging Face Hub; huggingface-hub reads this on import
 os.environ["HF_HUB_OFFLINE"] = "1"
 
