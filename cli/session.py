@@ -66,7 +66,9 @@ class Viewer:
     def explained(self, route, line: str) -> None:
         translator, line, found = explain_line(self.router, route, line, self.flags, self.layer)
         if "confidence" in self.show:
-            plain = next(self.router.run(route[-1:], [line], self.flags))[0].text
+            def plain():
+                return next(self.router.run(route[-1:], [line], self.flags))[0].text
+
             self.console.print(views.confidence(line, translator.source_lang, found, plain))
         else:
             self.console.print(next(self.router.run(route[-1:], [line], self.flags))[0].text,

@@ -4,6 +4,7 @@ TERM=dumb): rich drops the styles, and the shading characters still carry the he
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from core import segment
@@ -36,9 +37,9 @@ def legend() -> Text:
 
 
 def confidence(line: str, source_lang: str, explanations: list[Explanation],
-               fallback: str) -> Text:
+               fallback: Callable[[], str]) -> Text:
     """The line's translation with each word styled by its probability; sentences not sent to
-    the model as they were. `fallback` (the ordinary translation) is shown plain when a
+    the model as they were. `fallback()` (the ordinary translation) is shown plain when a
     protected span would not survive (a placeholder the model dropped)."""
     from rich.text import Text
 
@@ -52,7 +53,7 @@ def confidence(line: str, source_lang: str, explanations: list[Explanation],
             words = next(found).words()
             text = "".join(w for w, _, _ in words)
             if not segment.copied(text, sentence.spans):
-                return Text(fallback)
+                return Text(fallback())
             for word, p, _ in words:
                 word = segment.safe(segment.restore(word, sentence.spans))
                 stripped = word.lstrip()

@@ -72,15 +72,6 @@ class Int8Embeddings(nn.Module):
         return self.table[tokens].float() * scale[..., None]  # (B, T, D)
 
 
-def quantize_int8(module: nn.Module) -> None:
-    """Replace every nn.Linear below `module` with an Int8Linear, in place."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_float(child.weight, child.bias))
-        else:
-            quantize_int8(child)
-
-
 class Float16Linear(nn.Module):
     """y = x W^T + b with W stored in float16 (fbgemm's packed layout) and float32 arithmetic."""
 
