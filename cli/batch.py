@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli import options as opt
-from cli.console import err, fail
+from cli.console import err, fail, report_invalid
 from cli.engine import engine, make_router
 from cli.render import progress_bar
 from cli.streams import Lines, count_lines, open_output
@@ -240,10 +240,7 @@ def batch_command(
                                                   if v is not None}, workers, gpus, advance)
         problems += failed
         for job in jobs:
-            if job.invalid:
-                shown = ", ".join(map(str, job.invalid[:10])) + (" ..." if len(job.invalid) > 10
-                                                                 else "")
-                err().print(f"warning: {job.source}: invalid UTF-8 replaced on line(s) {shown}")
+            report_invalid(job.invalid, str(job.source))
         for problem in problems:
             err().print(f"error: {problem}")
         err().print(f"translated {len(jobs) - len(failed)} file(s), {total} lines, into "

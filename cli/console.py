@@ -60,3 +60,11 @@ def fail(debug: bool):
         where = f" ({exc.filename})" if exc.filename else ""
         err().print(f"error: {safe(exc.strerror or str(exc))}{safe(where)}")
         sys.exit(1)
+
+
+def report_invalid(numbers: list[int], where: str = "") -> None:
+    """One warning naming the lines (of `where`, a file) whose invalid UTF-8 was replaced."""
+    if numbers:
+        shown = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
+        err().print(f"warning: {where + ': ' if where else ''}invalid UTF-8 replaced on "
+                    f"line(s) {shown}")

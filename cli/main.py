@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from cli import options as opt
 from cli import views
 from cli.batch import batch_command
-from cli.console import BROKEN_PIPE, err, fail
+from cli.console import BROKEN_PIPE, err, fail, report_invalid
 from cli.engine import engine, make_router
 from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
@@ -127,12 +127,6 @@ class Warnings:
         if self.lines > self.SHOWN:
             err().print(f"warning: {self.lines - self.SHOWN} more lines had warnings "
                         "(--format jsonl lists them)")
-
-
-def report_invalid(numbers: list[int]) -> None:
-    if numbers:
-        shown = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
-        err().print(f"warning: invalid UTF-8 replaced on line(s) {shown}")
 
 
 @app.command("text", cls=DefaultCommand, epilog="Other commands: translate batch | models | "

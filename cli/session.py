@@ -83,9 +83,7 @@ def explain_line(router, route, line: str, flags: dict, layer: int):
     pivot, what the last model thinks of its translation of the pivot text."""
     from core.explain import explain
 
-    if len(route) > 1:
-        line = next(router.run(route[:-1], [line], {**flags, "n_best": 1}))[0].text
-    translator = router.translator(route[-1])
+    translator, line = router.last_leg(route, line, flags)
     return translator, line, explain(translator, line, translator.options(**flags), layer)
 
 

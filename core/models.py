@@ -163,6 +163,12 @@ def direct(found: list[Installed], source: str, target: str) -> str | None:
                  and language(m.target) == target), None)
 
 
+def installed_route(found: list[Installed], pairs: list[tuple[str, str]]) -> Route | None:
+    """The installed models for every pair of `pairs`, or None if one is missing."""
+    paths = [direct(found, *pair) for pair in pairs]
+    return tuple(paths) if all(paths) else None
+
+
 def legs(source: str, target: str, via: str | None) -> list[list[tuple[str, str]]]:
     """The language pairs to try, best first: the pair itself (unless a pivot is forced), then
     source -> via -> target (via: default English)."""
@@ -207,22 +213,25 @@ def chain(found: list[Installed], source: str, target: str, via: str | None, say
         raise UsageError(f"--from and --to are both {source}")
     tries = legs(source, target, via)
     for pairs in tries:
-        paths = [direct(found, *pair) for pair in pairs]
-        if all(paths):
-            return announce(tuple(paths), pairs, say)
+        route = installed_route(found, pairs)
+        if route:
+            return announce(route, pairs, say)
     answers: dict[str, bool | None] = {}
     for pairs in tries:
-        route = []
+        route, fetched = [], []
         for pair in pairs:
-            repo = hub.OPUS_MT.format(*pair)
-            if not direct(found, *pair) and repo not in answers:
-                answers[repo] = hub.available(repo)
-            route.append(direct(found, *pair) or (repo if answers[repo] else None))
+            path = direct(found, *pair)
+            if path is None:
+                repo = hub.OPUS_MT.format(*pair)
+                if repo not in answers:
+                    answers[repo] = hub.available(repo)
+                path = repo if answers[repo] else None
+                fetched.append((pair, repo))
+            route.append(path)
         if all(route):
-            for name, pair in zip(route, pairs):
-                if name == hub.OPUS_MT.format(*pair):
-                    say(f"no installed model translates {pair[0]} to {pair[1]}; fetching {name} "
-                        "from the Hugging Face Hub (converted once into the cache)")
+            for (a, b), repo in fetched:
+                say(f"no installed model translates {a} to {b}; fetching {repo} from the "
+                    "Hugging Face Hub (converted once into the cache)")
             return announce(tuple(route), pairs, say)
     names = " nor ".join(" then ".join(f"{a} to {b}" for a, b in pairs) for pairs in tries)
     unknown = [repo for repo, answer in answers.items() if answer is None]
@@ -254,9 +263,9 @@ def routes(found: list[Installed], target: str | None = None,
         if s == language(target):
             continue
         for pairs in legs(s, language(target), via):
-            paths = [direct(found, *pair) for pair in pairs]
-            if all(paths):
-                table[s] = tuple(paths)
+            route = installed_route(found, pairs)
+            if route:
+                table[s] = route
                 break
     return table
 

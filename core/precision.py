@@ -10,6 +10,7 @@ a quarter of the bytes, and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -196,9 +197,17 @@ def give_back_memory() -> None:
     """Return freed memory to the OS now. glibc keeps freed heap memory for reuse, and the
     float32 tensors freed between int8 layers fragment it so that it is not reused: the peak
     would grow by a third of the float32 model. About a millisecond a call."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is no glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -98,12 +98,18 @@ class Router:
                              [f"pivot: {w}" for w in pivot.warnings] + c.warnings, pivot.text)
                    for c in nbest]
 
+    def last_leg(self, route: Route, line: str, flags: dict) -> tuple[Translator, str]:
+        """The route's last model and the text it reads: the line, or through a pivot the
+        first model's best translation of it."""
+        if len(route) > 1:
+            line = next(self.run(route[:-1], [line], {**flags, "n_best": 1}))[0].text
+        return self.translator(route[-1]), line
+
     def stream(self, route: Route, line: str, flags: dict) -> Iterator[str]:
         """One line's translation along `route`, piece by piece as the last model settles it
         (the pivot text is made whole first)."""
-        if len(route) > 1:
-            line = next(self.run(route[:-1], [line], {**flags, "n_best": 1}))[0].text
-        return self.translator(route[-1]).stream(line, **flags)
+        translator, text = self.last_leg(route, line, flags)
+        return translator.stream(text, **flags)
 
 
 def build(model: str | None = None, *, revision: str | None = None, source: str | None = None,
