@@ -40,7 +40,7 @@ def confidence(line: str, source_lang: str, explanations: list[Explanation],
                fallback: Callable[[], str]) -> Text:
     """The line's translation with each word styled by its probability; sentences not sent to
     the model as they were. `fallback()` (the ordinary translation) is shown plain when a
-    protected span would not survive (a placeholder the model dropped)."""
+    protected or checked span would not survive (a placeholder dropped, a number changed)."""
     from rich.text import Text
 
     out = Text()
@@ -52,7 +52,7 @@ def confidence(line: str, source_lang: str, explanations: list[Explanation],
         else:
             words = next(found).words()
             text = "".join(w for w, _, _ in words)
-            if not segment.copied(text, sentence.spans):
+            if not sentence.kept(text):
                 return Text(fallback())
             for word, p, _ in words:
                 word = segment.safe(segment.restore(word, sentence.spans))

@@ -35,11 +35,13 @@ class KVCache:
         """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache.
 
         Follows beams to their origin and drops finished sentences. Each run of `group` rows
-        must come from one sentence; the cross K/V are only touched when the sentences change."""
+        must come from one sentence; the cross K/V are only touched when the sentences change.
+        This cache is spent: its self-attention buffers move into the result, one layer at a
+        time, so that a step never holds two copies of them (they are most of its memory)."""
         N, n = self.self_k[0].size(0), self.memory_mask.size(0)
         if is_identity(rows, N):
             return self  # nothing moved: greedy steps where no sentence ended
-        self_k, self_v = self.pick_rows(self.self_k, rows), self.pick_rows(self.self_v, rows)
+        self_k, self_v = self.take_rows(self.self_k, rows), self.take_rows(self.self_v, rows)
         sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
         if is_identity(sentences, n):
             return KVCache(self_k, self_v, self.cross_k, self.cross_v, self.memory_mask,
@@ -48,14 +50,17 @@ class KVCache:
         return KVCache(self_k, self_v, pick(self.cross_k), pick(self.cross_v),
                        self.memory_mask.index_select(0, sentences), self.group, self.length)
 
-    def pick_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
-        """New buffers holding `rows` of the old ones; only the written positions are copied."""
+    def take_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
+        """New buffers holding `rows` of the old ones, which are released as each is copied
+        (`buffers` empties); only the written positions are copied."""
         t, picked = self.length, []
         with torch.no_grad():  # out= copies cannot be differentiated; a cache never needs it
-            for buffer in buffers:
+            while buffers:
+                buffer = buffers.pop(0)
                 out = buffer.new_empty(rows.numel(), *buffer.shape[1:])  # (N', H, capacity, Dh)
                 torch.index_select(buffer[:, :, :t], 0, rows, out=out[:, :, :t])
                 picked.append(out)
+                del buffer  # the last reference: freed before the next layer's copy
         return picked
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,10 +6,14 @@ as accurate as pysbd on our paragraphs and 300x faster, see the closing note of 
 keeping the exact whitespace between them. In a sentence, URLs, e-mail addresses, file paths
 and `inline code` are protected: each is replaced by a placeholder <x1>, <x2>, ... that the
 default models were trained to copy (core/augment.py), and put back byte for byte after
-translation. Text with no letters (numbers, emoji, punctuation) is never translated."""
+translation. Numbers, prices, dates, times, versions, @handles, emoji and code-like names are
+checked instead: the model reads them in their context (and may write a decimal comma), and
+a sentence that loses one is translated again with them protected too (core.translator).
+Text with no letters (numbers, emoji, punctuation) is never translated."""
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +27,27 @@ PROTECTED = re.compile(r"""
   | \b[A-Za-z]:\\(?:[\w .+-]+\\)*[\w.+-]+               # Windows path
   | (?<![\w/])[\w.-]+(?:/[\w.-]+)+\.[A-Za-z][A-Za-z0-9]{0,4}\b  # relative path with extension
 """, re.X)
+# what a translation must keep, checked afterwards; a placeholder's digits never match
+CHECKED = re.compile(r"""
+    [$€£¥₹]\s?\d+(?:[.,]\d+)*(?!\w|[.,]\d)                # price, currency first (not $1m)
+  | \d+(?:[.,]\d+)*\s?(?:[$€£¥₹]|(?:EUR|USD|GBP|CHF|JPY)\b)  # price, currency after
+  | \b\d{4}-\d{1,2}-\d{1,2}\b | \b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b  # numeric date
+  | \b\d{1,2}:\d{2}(?::\d{2})?\b                          # time of day
+  | \bv\d+(?:\.\d+)+\b                                    # version
+  | (?<![\w.,/])(?<![^\W\d_]-)\d+(?:[.,]\d+)*(?!\w|[.,]\d)  # number (not 3rd, 5km, 7.30pm)
+  | (?<![\w@.])@\w{2,30}\b                                # @handle
+  | (?:[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF]\uFE0F?
+       (?:\u200D[\U0001F000-\U0001FAFF\u2600-\u27BF]\uFE0F?)*)+  # emoji, joined ones whole
+  | \b[A-Za-z_][\w.]*\([^()\s]{0,40}\)                    # call: parse(), np.zeros(3)
+  | \b[A-Za-z_]\w+(?:\.[A-Za-z_]\w+)+\b                   # dotted name: user.id, Node.js
+  | \b[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\b            # snake_case, SCREAMING_CASE
+  | \b[a-z][a-z0-9]*(?:[A-Z][a-z0-9]*)+\b                 # camelCase
+  | \b[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]*)+\b                 # PascalCase: GitHub, JavaScript
+  | (?<![\w-])--[A-Za-z][\w-]*                            # --option
+  | \b[A-Z]{2,}-\d+\b                                     # ID: ISSUE-4821, COVID-19
+""", re.X)
+STRICT = re.compile(f"{PROTECTED.pattern}|{CHECKED.pattern}", re.X)  # both kinds protected
+_DECIMAL = str.maketrans(".,", ",.")
 PLACEHOLDER = "<x{}>"
 _LETTER = re.compile(r"[^\W\d_]")
 _SPACE = re.compile(r"^(\s*)(.*?)(\s*)$", re.S)
@@ -46,6 +71,20 @@ class Sentence:
     @property
     def source(self) -> str:
         return restore(self.text, self.spans)
+
+    @property
+    def checked(self) -> list[str]:
+        """The spans the translation must keep that the model reads as they are (CHECKED)."""
+        return CHECKED.findall(self.text)
+
+    def kept(self, translation: str) -> bool:
+        """Did a translation of `text` copy every placeholder once and keep every checked span?"""
+        return copied(translation, self.spans) and kept(translation, self.checked)
+
+    def strict(self) -> Sentence:
+        """This sentence with its checked spans protected too, for a second try."""
+        text, spans = protect(self.source, STRICT)
+        return Sentence(self.lead, text, self.trail, spans)
 
 
 def needs_model(text: str) -> bool:
@@ -95,7 +134,7 @@ def _renumbered(lead: str, core: str, trail: str, spans: list[str]) -> Sentence:
     return Sentence(lead, text, trail, own)
 
 
-def protect(text: str) -> tuple[str, list[str]]:
+def protect(text: str, pattern: re.Pattern = PROTECTED) -> tuple[str, list[str]]:
     """Replace protected spans by numbered placeholders; the spans, in order."""
     if "<x" in text:  # the text holds something like a placeholder: leave it alone
         return text, []
@@ -105,7 +144,7 @@ def protect(text: str) -> tuple[str, list[str]]:
         spans.append(m.group())
         return PLACEHOLDER.format(len(spans))
 
-    return PROTECTED.sub(hold, text), spans
+    return pattern.sub(hold, text), spans
 
 
 def restore(text: str, spans: list[str]) -> str:
@@ -117,6 +156,22 @@ def restore(text: str, spans: list[str]) -> str:
 def copied(translation: str, spans: list[str]) -> bool:
     """Did the model copy every placeholder exactly once?"""
     return all(translation.count(PLACEHOLDER.format(n)) == 1 for n in range(1, len(spans) + 1))
+
+
+def kept(translation: str, spans: list[str]) -> bool:
+    """Does every span appear in the translation, as often as in the source, and not as part
+    of a longer word or number? In a number a decimal point may become a comma and back
+    (3.5 -> 3,5; 1,000 -> 1.000), never a digit change."""
+    for span, n in collections.Counter(spans).items():
+        forms = {span, span.translate(_DECIMAL)} if any(c.isdigit() for c in span) else {span}
+        found = 0
+        for form in forms:
+            before = r"(?<![\w.,])" if form[0].isalnum() else ""
+            after = r"(?!\w|[.,]\d)" if form[-1].isalnum() else ""
+            found += len(re.findall(before + re.escape(form) + after, translation))
+        if found < n:
+            return False
+    return True
 
 
 def around(text: str, spans: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,24 @@ def join(nbests: list[list[Candidate]], sep: str = " ") -> list[Candidate]:
     return [Candidate(sep.join(c[k].text for c in nbests), sum(c[k].score for c in nbests),
                       [w for c in nbests for w in c[k].warnings])
             for k in range(n)]
+
+
+def restored(nbest: list[Candidate], spans: list[str]) -> list[Candidate]:
+    """Candidates with their placeholders replaced by the spans they stand for."""
+    return [Candidate(segment.restore(c.text, spans), c.score, c.warnings) for c in nbest]
+
+
+def spaced(pieces: list[list[Candidate]], sources: list[str]) -> list[list[Candidate]]:
+    """Pieces of a sentence translated one by one, to be joined with "": a space put back
+    where one piece's translation runs into the next ("2013" + "However") though their
+    sources did not touch ("2013, aber": the model dropped the comma)."""
+    for m in range(1, len(pieces)):
+        if sources[m - 1][-1:].isalnum() and sources[m][:1].isalnum():
+            continue
+        pieces[m] = [Candidate(" " + c.text, c.score, c.warnings)
+                     if p.text[-1:].isalnum() and c.text[:1].isalnum() else c
+                     for p, c in zip(pieces[m - 1], pieces[m])]
+    return pieces
 
 
 def chunks(lines: Iterable[str], size: int, ready: Callable[[], bool] | None
@@ -143,21 +162,37 @@ class Translator:
             if not left.get(i):  # blank, or nothing to translate: comes back as it was
                 results[i] = [Candidate(line, 0.0)]
         emitted = 0
-        texts = [layout[i][j].text for i, j in units]
-        where = [first + i for i, _ in units]
-        for u, nbest in self._decode_texts(texts, options, strategy, on_split, where):
+
+        def settled(u: int, nbest: list[Candidate]) -> None:
             i, j = units[u]
-            sentence = layout[i][j]
-            found[i][j] = self._restore(sentence, nbest, options, strategy)
+            found[i][j] = nbest
             left[i] -= 1
             if not left[i]:
                 results[i] = self._rebuild(layout[i], found.pop(i))
+
+        texts = [layout[i][j].text for i, j in units]
+        where = [first + i for i, _ in units]
+        # units that lost a span, settled together: once a batch of them is there, or at the
+        # end of the chunk (u None; a chunk is what the input has ready, so a pipe read line
+        # by line is not held back)
+        again: dict[int, list[Candidate]] = {}
+        decoded = self._decode_texts(texts, options, strategy, on_split, where)
+        for u, nbest in itertools.chain(decoded, [(None, [])]):
+            if u is not None:
+                sentence = layout[units[u][0]][units[u][1]]
+                if all(sentence.kept(c.text) for c in nbest):
+                    settled(u, restored(nbest, sentence.spans))
+                else:
+                    again[u] = nbest
+            if again and (u is None or len(again) >= self.batch_size):
+                sentences = [layout[units[v][0]][units[v][1]] for v in again]
+                for v, fixed in zip(again, self._settle(sentences, list(again.values()),
+                                                        options, strategy)):
+                    settled(v, fixed)
+                again = {}
             while emitted in results:
                 yield results.pop(emitted)
                 emitted += 1
-        while emitted in results:
-            yield results.pop(emitted)
-            emitted += 1
 
     def _decode_texts(self, texts: list[str], options: DecodeOptions, strategy: Strategy,
                       on_split=None, where: list[int] | None = None
@@ -196,27 +231,43 @@ class Translator:
             warnings.append("repeats itself")
         return Candidate(text, hyp.score, warnings)
 
-    def _restore(self, sentence: segment.Sentence, nbest: list[Candidate],
-                 options: DecodeOptions, strategy: Strategy) -> list[Candidate]:
-        """Put the protected spans back. Where the model lost a placeholder, translate the
-        sentence around its spans instead (piece by piece), so no span is ever lost."""
-        spans = sentence.spans
-        if all(segment.copied(c.text, spans) for c in nbest):
-            return [Candidate(segment.restore(c.text, spans), c.score, c.warnings) for c in nbest]
-        parts = segment.around(sentence.text, spans)
-        todo = [k for k, p in enumerate(parts) if k % 2 == 0 and segment.needs_model(p)]
-        got = dict(self._decode_texts([parts[k].strip() for k in todo], options, strategy))
-        pieces = []
-        for k, part in enumerate(parts):
-            if k % 2:  # a placeholder: its span
-                pieces.append([Candidate(spans[k // 2], 0.0)])
-            elif k in todo:
-                lead, _, trail = segment.edges(part)
-                pieces.append([Candidate(lead + c.text + trail, c.score, c.warnings)
-                               for c in got[todo.index(k)]])
-            else:
-                pieces.append([Candidate(part, 0.0)])
-        return join(pieces, "")
+    def _settle(self, sentences: list[segment.Sentence], nbests: list[list[Candidate]],
+                options: DecodeOptions, strategy: Strategy) -> list[list[Candidate]]:
+        """Each sentence's n-best with its protected spans put back. The sentences that lost
+        a checked span (a number, say) are translated again, together, with those protected
+        too; those that lost a placeholder are translated around their spans, piece by piece,
+        so that no span is ever lost."""
+        out: list[list[Candidate] | None] = [None] * len(sentences)
+        strict: dict[int, segment.Sentence] = {}
+        for k, (sentence, nbest) in enumerate(zip(sentences, nbests)):
+            if all(sentence.kept(c.text) for c in nbest):
+                out[k] = restored(nbest, sentence.spans)
+            elif sentence.checked:
+                strict[k] = sentence.strict()
+        again = list(strict)
+        for n, nbest in self._decode_texts([strict[k].text for k in again], options, strategy):
+            if all(segment.copied(c.text, strict[again[n]].spans) for c in nbest):
+                out[again[n]] = restored(nbest, strict[again[n]].spans)
+        cut = {k: strict.get(k, s) for k, s in enumerate(sentences) if out[k] is None}
+        parts = {k: segment.around(s.text, s.spans) for k, s in cut.items()}
+        todo = {(k, m): n for n, (k, m) in enumerate(
+            (k, m) for k, ps in parts.items() for m, p in enumerate(ps)
+            if m % 2 == 0 and segment.needs_model(p))}  # text pieces -> their place in `got`
+        got = dict(self._decode_texts([parts[k][m].strip() for k, m in todo], options, strategy))
+        for k, sentence in cut.items():
+            pieces = []
+            sources = [sentence.spans[m // 2] if m % 2 else p for m, p in enumerate(parts[k])]
+            for m, part in enumerate(parts[k]):
+                if m % 2:  # a placeholder: its span
+                    pieces.append([Candidate(sentence.spans[m // 2], 0.0)])
+                elif (k, m) in todo:
+                    lead, _, trail = segment.edges(part)
+                    pieces.append([Candidate(lead + c.text + trail, c.score, c.warnings)
+                                   for c in got[todo[k, m]]])
+                else:
+                    pieces.append([Candidate(part, 0.0)])
+            out[k] = join(spaced(pieces, sources), "")
+        return out
 
     @staticmethod
     def _rebuild(sentences: list[segment.Sentence], found: dict[int, list[Candidate]]
@@ -264,7 +315,8 @@ class Translator:
 
     def stream(self, line: str, **options) -> Iterator[str]:
         """Yield the translation of one line piece by piece, as soon as each piece is final:
-        sentence by sentence, token by token (a sentence with protected spans comes whole)."""
+        sentence by sentence, token by token (a sentence with protected or checked spans comes
+        whole)."""
         if not isinstance(line, str):
             raise TypeError("stream() translates one line, a str")
         opts = self.options(**options)
@@ -276,9 +328,9 @@ class Translator:
             yield sentence.lead
             if not sentence.translate:
                 yield sentence.source
-            elif sentence.spans:
+            elif sentence.spans or sentence.checked:  # whole: it may have to be done again
                 _, nbest = next(self._decode_texts([sentence.text], opts, strategy))
-                yield self._restore(sentence, nbest, opts, strategy)[0].text
+                yield self._settle([sentence], [nbest], opts, strategy)[0][0].text
             else:
                 yield from self._stream_sentence(sentence.text, opts, strategy)
             yield sentence.trail

@@ -22,7 +22,7 @@ from conftest import marian_model, train_spm  # noqa: E402
 
 from cli.main import app  # noqa: E402
 from core.search import with_defaults as with_model_defaults  # noqa: E402
-from core import checkpoint, hub, marian, models  # noqa: E402
+from core import checkpoint, hub, marian, models, segment  # noqa: E402
 from core.errors import ModelError, ModelNotFound, UsageError  # noqa: E402
 from core.generate import generate  # noqa: E402
 from core.search import BeamSearch, Sampling  # noqa: E402
@@ -185,10 +185,14 @@ def test_beam_search_matches_transformers(ours, hf_model):
 
 
 def test_translations_match_transformers_text(ours, hf_model, hf_tokenizer, marian_dir):
+    # sentences without numbers and the like: a random model drops them, and ours then
+    # translates the sentence again with them protected (tests/test_segment.py)
+    plain = [s for s in ENGLISH if not any(x.checked for x in segment.split(s, "en"))]
+    assert len(plain) >= 8
     translator = Translator.load(str(marian_dir), device="cpu")
-    ours_text = translator.translate(ENGLISH, strategy="beam", beam_size=4, length_penalty=0.0,
+    ours_text = translator.translate(plain, strategy="beam", beam_size=4, length_penalty=0.0,
                                      max_length=MAX_LENGTH)
-    inputs = hf_tokenizer(ENGLISH, return_tensors="pt", padding=True)
+    inputs = hf_tokenizer(plain, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = hf_model.generate(**inputs, num_beams=4, length_penalty=0.0, early_stopping=True,
                                 max_length=MAX_LENGTH + 2, renormalize_logits=True,

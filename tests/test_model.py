@@ -71,18 +71,25 @@ def test_cached_decoding_equals_recomputing_the_prefix(overrides):
 
 
 def test_cache_reorder_follows_rows():
-    """reorder() gives each row the K/V of the row it came from, so beams keep their history."""
+    """reorder() gives each row the K/V of the row it came from, so beams keep their history;
+    the cache it reorders is spent (its buffers moved, not copied beside it)."""
     model = tiny_model(V)
     src, mask = batch([5, 6], seed=4)
-    cache = model.new_cache(model.encode(src, mask), mask)
     tokens = torch.tensor([7, 8])
-    for _ in range(3):
-        _, cache = model.decode_step(tokens, cache)
-    swapped = cache.reorder(torch.tensor([1, 0, 0]))
+
+    def after_three_steps():
+        cache = model.new_cache(model.encode(src, mask), mask)
+        for _ in range(3):
+            _, cache = model.decode_step(tokens, cache)
+        return cache
+
+    spent = after_three_steps()
+    swapped = spent.reorder(torch.tensor([1, 0, 0]))
+    assert not spent.self_k and not spent.self_v
     logits_swapped, _ = model.decode_step(torch.tensor([8, 7, 7]), swapped)
-    permuted = cache.reorder(torch.tensor([1, 0]))  # as many rows, other sentences
+    permuted = after_three_steps().reorder(torch.tensor([1, 0]))  # as many rows, other sentences
     logits_permuted, _ = model.decode_step(torch.tensor([8, 7]), permuted)
-    logits, _ = model.decode_step(tokens, cache)
+    logits, _ = model.decode_step(tokens, after_three_steps())
     torch.testing.assert_close(logits_swapped, logits[[1, 0, 0]])
     torch.testing.assert_close(logits_permuted, logits[[1, 0]])
 
