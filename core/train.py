@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sacrebleu
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ from core.config import ModelConfig
 from core.errors import DataError, UsageError
 from core.model import Transformer
 from core.tokenizer import Tokenizer, train_tokenizer
+# imported now, not at the first validation an hour in: by then the files may have changed
+from core.translator import Translator
 
 
 @dataclass(kw_only=True)
@@ -385,8 +388,10 @@ class Trainer:
                                       completed=self.batch_in_epoch, loss=float("nan"), tps=0.0)
 
     def checkpoint(self, what: str) -> None:
-        """Validate, save last/best and a snapshot, and the resumable state (rank 0)."""
+        """Save the resumable state, validate, save last/best and a snapshot, and the state
+        again (rank 0). The state comes first so that a failure in validation loses no step."""
         if self.rank == 0:
+            self.save_state()
             val_loss, bleu, per_set = self.validate(self.model)
             checkpoint.save(self.model, self.tokenizer, self.out / "last")
             snap = f"snapshots/step{self.step}.safetensors"
@@ -412,10 +417,6 @@ class Trainer:
         and each set's BLEU as text for the log when there are several."""
         if not self.valid_examples:
             return float("nan"), float("nan"), ""
-        import sacrebleu
-
-        from core.translator import Translator
-
         model.eval()
         total, count = 0.0, 0
         with torch.inference_mode():

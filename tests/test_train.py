@@ -139,3 +139,20 @@ def test_no_validation_set_is_a_warning_not_nan(corpus, tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "warning: no validation set" in log and "nan" not in log
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_a_failure_in_validation_loses_no_step(corpus, tmp_path, monkeypatch):
+    """The resumable state is written before validating: a run that dies there (it once did,
+    an hour in) resumes from that step, not from the start."""
+    cfg = tiny(corpus, tmp_path / "run", epochs=4, eval_every=5)
+
+    def broken(self, model):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(Trainer, "validate", broken)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        Trainer(cfg).run()
+    monkeypatch.undo()
+    Trainer(cfg).run()
+    assert "resumed from" in (log := (tmp_path / "run" / "train.log").read_text())
+    assert "at step 5 " in log
