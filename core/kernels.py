@@ -9,6 +9,9 @@ second for a 58k-row output layer at 256 rows); the choice is kept per CPU model
 and thread count in the user cache (`kernels/*.json` under $TRANSLATE_CACHE or
 ~/.cache/translate), so later runs start with it.
 
+A choice measured while other work kept the CPUs busy (by the 1-minute load average) serves
+this process but is not kept: timings taken then say little, and a wrong choice would stay.
+
 TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing."""
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
 
 
+def busy(threads: int) -> bool:
+    """Are other processes using the CPUs this one's `threads` need? This process counts as
+    one unit of the load average."""
+    others = os.getloadavg()[0] - 1
+    return others > max(0, (os.cpu_count() or 1) - threads) + 0.5
+
+
 def bucket(rows: int) -> int:
     """Row counts measured as one: the next power of two, up to 256."""
     return 1 << min(max(rows - 1, 0).bit_length(), 8)
@@ -53,6 +63,7 @@ class Chooser:
         self.path, self.forced = path, forced
         self.threads = torch.get_num_threads()  # the choices hold for this many threads
         self.table: dict[str, str] = {}
+        self.unsure: set[str] = set()  # measured on a busy machine: not kept
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
@@ -68,7 +79,10 @@ class Chooser:
         name = self.table.get(key)
         if name is None:
             name = self.table[key] = self.measure(weight, bias, rows)
-            self.save()
+            if busy(self.threads):
+                self.unsure.add(key)
+            else:
+                self.save()
         return KERNELS[name]
 
     @staticmethod
@@ -94,7 +108,9 @@ class Chooser:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".kernels.", suffix=".part")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"cpu": cpu_name(), "torch": torch.__version__,
-                           "threads": self.threads, "choices": self.table}, f,
+                           "threads": self.threads,
+                           "choices": {k: v for k, v in self.table.items()
+                                       if k not in self.unsure}}, f,
                           indent=1, sort_keys=True)
             os.replace(tmp, self.path)
         except OSError:

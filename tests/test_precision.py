@@ -2,6 +2,7 @@
 --dtype changes, that loading holds no second copy, and that the translation survives it."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -192,11 +193,25 @@ def test_kernel_choices_are_measured_once_and_kept(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(kernels.Chooser, "measure",
                         staticmethod(lambda w, b, rows: calls.append(rows) or "mkl"))
+    monkeypatch.setattr(kernels, "busy", lambda threads: False)
     weight = torch.randn(300, 64).t().contiguous().t()
     for rows in (1, 3, 4, 3, 40):
         assert chooser.kernel(torch.randn(rows, 64), weight, None) is kernels.KERNELS["mkl"]
     assert calls == [1, 4, 64]  # row counts in power-of-two buckets, each measured once
     assert set(kernels.Chooser(path).table) == {"300x64@1", "300x64@4", "300x64@64"}
+
+
+def test_a_choice_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    monkeypatch.setattr(kernels.Chooser, "measure", staticmethod(lambda w, b, rows: "mkl"))
+    weight = torch.randn(300, 64).t().contiguous().t()
+    chooser = kernels.Chooser(path)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # two others at work
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    chooser.kernel(torch.randn(1, 64), weight, None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    chooser.kernel(torch.randn(4, 64), weight, None)
+    assert set(kernels.Chooser(path).table) == {"300x64@4"}  # the busy one measured again
 
 
 def test_measuring_picks_a_kernel_that_exists():
