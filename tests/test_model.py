@@ -94,6 +94,26 @@ def test_cache_reorder_follows_rows():
     torch.testing.assert_close(logits_permuted, logits[[1, 0]])
 
 
+def test_beam_steps_reuse_the_cache_memory():
+    """Step after step of reordering (beams swapping), the self-attention K/V move between the
+    same buffers: no step allocates a new set, which glibc would keep as peak memory."""
+    model = tiny_model(V)
+    src, mask = batch([5, 6], seed=4)
+    cache = model.new_cache(model.encode(src, mask), mask, group=2)
+    swap = torch.tensor([1, 0, 3, 2])
+
+    def storages(c):
+        return {t.untyped_storage().data_ptr() for t in [*c.self_k, *c.self_v, c.spare]}
+
+    seen = []
+    for t in range(6):  # within the first buffer's capacity (16)
+        logits, cache = model.decode_step(torch.full((4,), 7 + t), cache)
+        cache = cache.reorder(swap)
+        seen.append(storages(cache))
+    assert all(s == seen[1] for s in seen[1:])  # the first reorder allocated the one spare
+    assert len(seen[1]) == 2 * len(model.decoder) + 1
+
+
 def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
     """Rows grouped per sentence (beams) read one copy of the sentence's cross-attention K/V:
     over more steps than the first cache buffer holds, with beams swapping and a sentence
