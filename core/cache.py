@@ -39,7 +39,8 @@ class KVCache:
         Follows beams to their origin and drops finished sentences. Each run of `group` rows
         must come from one sentence; the cross K/V are only touched when the sentences change.
         This cache is spent: its self-attention buffers move into the result, one layer at a
-        time, so that a step never holds two copies of them (they are most of its memory)."""
+        time, so that a step never holds more than one layer's buffer beside them (they are
+        most of its memory)."""
         N, n = self.self_k[0].size(0), self.memory_mask.size(0)
         if is_identity(rows, N):
             return self  # nothing moved: greedy steps where no sentence ended
@@ -58,7 +59,7 @@ class KVCache:
         positions are copied. Each layer is copied into the spare buffer, and its old buffer
         becomes the spare for the next: a beam search step allocates nothing here, and the
         heap is not churned by a dozen fresh 8 MB buffers a step (glibc keeps what that
-        fragments: 100+ MB of peak memory for 128 rows)."""
+        fragments: 65 MB of peak memory for 128 beam rows of a 6-layer, 512-wide decoder)."""
         t, picked = self.length, []
         while buffers:
             buffer = buffers.pop(0)

@@ -181,8 +181,6 @@ def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.dev
         owners.setdefault(name.rpartition(".")[0], []).append(name)
     sizes = {n: t.numel() for n, t in model.state_dict(keep_vars=True).items()}
     order = sorted(owners, key=lambda m: (m != "", -sum(sizes[n] for n in owners[m])))
-    if device.type == "cpu":
-        map_large_blocks()
     for module in order:
         slices = rows is not None and quantized(model, module, dtype)
         tensors = {n: rows(n) if slices and n.endswith(".weight") else read(n)
@@ -199,33 +197,17 @@ def give_back_memory() -> None:
     """Return freed memory to the OS now. glibc keeps freed heap memory for reuse, and the
     float32 tensors freed between int8 layers fragment it so that it is not reused: the peak
     would grow by a third of the float32 model. About a millisecond a call."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def map_large_blocks(threshold: int = 4 << 20) -> None:
-    """Have glibc map each block of `threshold` bytes or more on its own, and unmap it when
-    freed. Left alone, glibc raises that threshold to the largest block freed so far (up to
-    32 MB), and from then on decoding's largest per-step tensors (the logits: 30 MB for 128
-    beam rows of a 58k vocabulary) come from the heap, whose freed and fragmented parts it
-    keeps: peak memory on 64 sentences in beam 4 was 50 MB higher (benchmarks/README.md)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @functools.cache
-def _glibc():
-    """The C library if it is glibc (it has malloc_trim), else None."""
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is no glibc."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 (glibc's own, not in every C library)
-        return libc
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
