@@ -9,8 +9,9 @@ second for a 58k-row output layer at 256 rows); the choice is kept per CPU model
 and thread count in the user cache (`kernels/*.json` under $TRANSLATE_CACHE or
 ~/.cache/translate), so later runs start with it.
 
-A choice measured while other work kept the CPUs busy (by the 1-minute load average) serves
-this process but is not kept: timings taken then say little, and a wrong choice would stay.
+A choice measured while other work kept the CPUs busy (threads of other processes running at
+that moment) serves this process but is not kept: timings taken then say little, and a wrong
+choice would stay.
 
 TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing."""
 
@@ -45,10 +46,26 @@ TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
 
 
 def busy(threads: int) -> bool:
-    """Are other processes using the CPUs this one's `threads` need? This process counts as
-    one unit of the load average."""
-    others = os.getloadavg()[0] - 1
-    return others > max(0, (os.cpu_count() or 1) - threads) + 0.5
+    """Are other processes using the CPUs this one's `threads` need?"""
+    return others_running() > max(0, (os.cpu_count() or 1) - threads) + 0.5
+
+
+def others_running() -> float:
+    """Threads of other processes running or ready to run now: on Linux, the kernel's count of
+    runnable threads less this process's own (the least of three looks); elsewhere the 1-minute
+    load average less one. Not the load average where the count exists: it lags by a minute, so
+    the process that ran just before (a benchmark, the user's previous `translate`) made this
+    one look busy, and its choices were never kept."""
+    try:
+        looks = []
+        for _ in range(3):
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            own = sum(stat.read_text().rpartition(")")[2].split()[0] == "R"
+                      for stat in Path("/proc/self/task").glob("*/stat"))
+            looks.append(running - own)
+        return min(looks)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] - 1
 
 
 def bucket(rows: int) -> int:

@@ -206,12 +206,31 @@ def test_a_choice_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.Chooser, "measure", staticmethod(lambda w, b, rows: "mkl"))
     weight = torch.randn(300, 64).t().contiguous().t()
     chooser = kernels.Chooser(path)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # two others at work
+    monkeypatch.setattr(kernels, "others_running", lambda: 2)  # two others at work
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     chooser.kernel(torch.randn(1, 64), weight, None)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    monkeypatch.setattr(kernels, "others_running", lambda: 0)  # this process alone
     chooser.kernel(torch.randn(4, 64), weight, None)
     assert set(kernels.Chooser(path).table) == {"300x64@4"}  # the busy one measured again
+
+
+def test_another_process_at_work_counts_as_busy_and_this_one_does_not():
+    """What decides whether a choice is kept: another process computing now is seen at once,
+    not a minute later, and this process's own threads are never counted."""
+    import subprocess
+    import sys
+    import time
+
+    before = kernels.others_running()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert kernels.others_running() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+    torch.randn(512, 512) @ torch.randn(512, 512)  # our own threads, just at work
+    assert kernels.others_running() <= max(before, 0) + 1
 
 
 def test_measuring_picks_a_kernel_that_exists():
