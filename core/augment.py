@@ -24,9 +24,34 @@ def _word(rng: random.Random, n: int | None = None) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(n or rng.randint(2, 3)))
 
 
+# Names are built from open sets of sounds, not a fixed list of syllables: with only a few
+# syllables the model copied those and still "translated" real names (Kwame -> Cwame,
+# Eklund -> Eclund, Hofstetter -> Hofsters), so onsets, vowels and codas are drawn from
+# many languages' spellings, with accents now and then.
+_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+           "y", "z", "b", "d", "k", "l", "m", "n", "r", "s", "t", "br", "ch", "dr", "gr", "kh",
+           "kr", "pl", "sch", "sh", "sk", "st", "th", "tr", "ts", "zh", "ph", "ñ", "ç", "ł"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "a", "e", "y", "ai", "ei", "ie", "ou",
+           "é", "á", "í", "ó", "ö", "ü", "ä", "ø", "å"]
+_CODAS = ["n", "m", "r", "l", "s", "k", "t", "d", "ng", "nd", "rt", "st", "ck", "tt", "ll",
+          "ss", "x", "z", "sh", "th", "rn", "ks"]
+
+
+def _name_word(rng: random.Random) -> str:
+    parts = []
+    for i in range(rng.choice([1, 2, 2, 2, 3, 3])):
+        onset = "" if i == 0 and rng.random() < 0.2 else rng.choice(_ONSETS)
+        vowel = rng.choice(_VOWELS if rng.random() < 0.3 else _VOWELS[:11])
+        parts.append(onset + vowel + (rng.choice(_CODAS) if rng.random() < 0.35 else ""))
+    word = "".join(parts).capitalize()
+    return word if len(word) >= 3 else _name_word(rng)  # not "I" or "U"
+
+
 def name(rng: random.Random) -> str:
-    first = _word(rng).capitalize()
-    return first if rng.random() < 0.5 else f"{first} {_word(rng).capitalize()}"
+    words = [_name_word(rng) for _ in range(rng.choice([1, 1, 2, 2, 2, 3]))]
+    if len(words) > 1 and rng.random() < 0.1:  # a particle: "de", "van", "al", "bin" ...
+        words.insert(-1, rng.choice(["de", "van", "al", "bin", "da", "del", "ter", "el"]))
+    return " ".join(words)
 
 
 def number(rng: random.Random) -> str:
@@ -104,7 +129,7 @@ def emoji(rng: random.Random) -> str:
 
 
 NUMERIC = [number, price, date, time_of_day]
-SPANS = NUMERIC + [url, email, handle, path, code, emoji, name, placeholder, placeholder]
+SPANS = NUMERIC + [url, email, handle, path, code, emoji, name, name, placeholder, placeholder]
 
 _NUMBER = re.compile(r"(?<![\w.,:])\d+(?![\w.,:]\d)")
 _NAME = re.compile(r"(?<=\w )[A-Z][a-z]{2,}\b")
