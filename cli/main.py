@@ -5,6 +5,7 @@ torch is imported only inside the commands that need it, so `--help` stays insta
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import os
 import sys
@@ -19,7 +20,7 @@ from cli import options as opt
 from cli import views
 from cli.batch import batch_command
 from cli.console import BROKEN_PIPE, err, fail, report_invalid
-from cli.engine import engine, make_router
+from cli.engine import engine, make_router, settled
 from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
 
@@ -396,6 +397,8 @@ def train_command(
 
         from core.train import TrainConfig, Trainer
 
+        settled()
+
         flags = dict(train=train or None, valid=valid, out=out, src_lang=src_lang,
                      tgt_lang=tgt_lang, holdout=holdout, vocab_size=vocab_size, epochs=epochs,
                      max_minutes=max_minutes, max_tokens=max_tokens, lr=lr, warmup=warmup,
@@ -414,6 +417,7 @@ def train_command(
 
 
 def main() -> None:
+    gc.disable()  # until start-up is over: cli.engine.settled()
     try:
         app()
         code = 0

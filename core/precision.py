@@ -153,7 +153,10 @@ def convert(model: nn.Module, name: str, tensors: dict, dtype: str, device: torc
             tensors = {**tensors, "embed.weight": weight.t().contiguous().t()}
         if dtype == "bfloat16":
             tensors = {k: t.to(torch.bfloat16) for k, t in tensors.items()}
-        model.load_state_dict(tensors, strict=False, assign=True)
+        start = len(name) + 1 if name else 0  # into the module itself: the whole model's
+        # load_state_dict walks every module, and this runs once per module (~85 times)
+        module.load_state_dict({k[start:]: t for k, t in tensors.items()}, strict=False,
+                               assign=True)
         if tied and tuned(dtype, device):
             model.tied_linear = kernels.linear
 

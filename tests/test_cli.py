@@ -1,5 +1,6 @@
 """The command line, on both streams: stdout holds translations only, stderr the rest."""
 
+import gc
 import json
 
 import pytest
@@ -29,6 +30,22 @@ def test_argument(model_dir, expected):
     assert result.stdout == expected(["A man is riding a bicycle."])[0] + "\n"
     # a random model runs into the length limit: warnings only, naming the line
     assert all(w.startswith("warning: line 1: ") for w in result.stderr.splitlines())
+
+
+def test_the_garbage_collector_is_back_on_once_start_up_is_over(model_dir):
+    """cli.main turns it off for start-up; the first router turns it on, with what exists
+    then frozen; later routers (a session's) freeze nothing, which could hold an old model."""
+    gc.disable()  # as cli.main.main does
+    try:
+        before = gc.get_freeze_count()
+        assert run("-m", model_dir, "--max-length", 8, "Hello.").exit_code == 0
+        assert gc.isenabled() and gc.get_freeze_count() > before
+        frozen = gc.get_freeze_count()
+        assert run("-m", model_dir, "--max-length", 8, "Hello.").exit_code == 0
+        assert gc.get_freeze_count() <= frozen  # (frozen objects freed by refcount leave it)
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 def test_stdin_keeps_blank_lines_and_order(model_dir, expected):
