@@ -23,6 +23,7 @@ from cli.console import BROKEN_PIPE, err, fail, report_invalid
 from cli.engine import engine, make_router, settled
 from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
+from core.machine import calm_threads_when_busy
 
 
 class DefaultCommand(TyperCommand):
@@ -418,6 +419,7 @@ def train_command(
 
 def main() -> None:
     gc.disable()  # until start-up is over: cli.engine.settled()
+    calm_threads_when_busy()  # before torch loads
     try:
         app()
         code = 0

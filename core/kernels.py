@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.machine import cpu_name
+from core.machine import cpu_name, others_running
 from core.userdir import cache_root
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -48,24 +48,6 @@ TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
 def busy(threads: int) -> bool:
     """Are other processes using the CPUs this one's `threads` need?"""
     return others_running() > max(0, (os.cpu_count() or 1) - threads) + 0.5
-
-
-def others_running() -> float:
-    """Threads of other processes running or ready to run now: on Linux, the kernel's count of
-    runnable threads less this process's own (the least of three looks); elsewhere the 1-minute
-    load average less one. Not the load average where the count exists: it lags by a minute, so
-    the process that ran just before (a benchmark, the user's previous `translate`) made this
-    one look busy, and its choices were never kept."""
-    try:
-        looks = []
-        for _ in range(3):
-            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-            own = sum(stat.read_text().rpartition(")")[2].split()[0] == "R"
-                      for stat in Path("/proc/self/task").glob("*/stat"))
-            looks.append(running - own)
-        return min(looks)
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] - 1
 
 
 def bucket(rows: int) -> int:

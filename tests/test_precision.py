@@ -233,6 +233,31 @@ def test_another_process_at_work_counts_as_busy_and_this_one_does_not():
     assert kernels.others_running() <= max(before, 0) + 1
 
 
+def test_threads_sleep_between_regions_only_when_others_are_at_work(monkeypatch):
+    """OMP_WAIT_POLICY=PASSIVE where another process computes as we start; nothing on an idle
+    machine; never over the user's own choice."""
+    import subprocess
+    import sys
+    import time
+
+    from core import machine
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy, chosen = {}, {"OMP_WAIT_POLICY": "ACTIVE"}
+        machine.calm_threads_when_busy(busy)
+        machine.calm_threads_when_busy(chosen)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy == {"OMP_WAIT_POLICY": "PASSIVE"} and chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setattr(machine, "others_running", lambda: 0)
+    idle = {}
+    machine.calm_threads_when_busy(idle)
+    assert idle == {}
+
+
 def test_measuring_picks_a_kernel_that_exists():
     weight = torch.randn(300, 64).t().contiguous().t()
     assert kernels.Chooser.measure(weight, None, 4) in kernels.KERNELS
