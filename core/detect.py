@@ -10,10 +10,10 @@ lines it judges touch."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from core.userdir import written_whole
 
 MIN_CONFIDENCE = 0.9  # below this a line keeps the default route
 MIN_LETTERS = 8  # shorter lines are not judged: "OK", "Tom!" are anyone's
@@ -28,30 +28,10 @@ def _decompressed(cache: Path) -> Path:
 
     path = cache / f"py3langid-{__version__}.npz"
     if not path.is_file():
-        with _atomic(path) as out, lzma.open(MODEL_DIR / MODEL_FILE) as src:
+        with written_whole(path) as out, lzma.open(MODEL_DIR / MODEL_FILE) as src:
             while block := src.read(1 << 20):
                 out.write(block)
     return path
-
-
-class _atomic:
-    """A file written under a temporary name and renamed into place when complete."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".langid.", suffix=".part")
-        self.file = os.fdopen(fd, "wb")
-        return self.file
-
-    def __exit__(self, kind, *_):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
 
 
 def _restricted(cache: Path, languages: list[str]) -> Path:
@@ -70,7 +50,7 @@ def _restricted(cache: Path, languages: list[str]) -> Path:
                   "classes": data["classes"][keep], "out_feat": data["out_feat"],
                   "nextmove_row": data["nextmove_row"], "nextmove": data["nextmove"]}
     for name, array in arrays.items():
-        with _atomic(folder / f"{name}.npy") as out:
+        with written_whole(folder / f"{name}.npy") as out:
             np.save(out, array, allow_pickle=False)
     return folder
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.machine import cpu_name, others_running
-from core.userdir import cache_root
+from core.machine import busy, cpu_name
+from core.userdir import cache_root, written_whole
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -43,11 +42,6 @@ KERNELS: dict[str, Kernel] = {"mkl": F.linear}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     KERNELS["onednn"] = onednn
 TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
-
-
-def busy(threads: int) -> bool:
-    """Are other processes using the CPUs this one's `threads` need?"""
-    return others_running() > max(0, (os.cpu_count() or 1) - threads) + 0.5
 
 
 def bucket(rows: int) -> int:
@@ -103,15 +97,12 @@ class Chooser:
         if self.path is None:
             return
         try:  # a cache that cannot be written only costs measuring again next time
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".kernels.", suffix=".part")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with written_whole(self.path, "w", encoding="utf-8") as f:
                 json.dump({"cpu": cpu_name(), "torch": torch.__version__,
                            "threads": self.threads,
                            "choices": {k: v for k, v in self.table.items()
                                        if k not in self.unsure}}, f,
                           indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
         except OSError:
             pass
 

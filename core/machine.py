@@ -41,6 +41,11 @@ def others_running() -> float:
         return os.getloadavg()[0] - 1
 
 
+def busy(threads: int) -> bool:
+    """Are other processes using the CPUs this one's `threads` need?"""
+    return others_running() > max(0, (os.cpu_count() or 1) - threads) + 0.5
+
+
 def calm_threads_when_busy(environ=os.environ) -> None:
     """Where other processes are at work when we start, torch's OpenMP threads sleep between
     parallel regions instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user chose a
@@ -48,5 +53,5 @@ def calm_threads_when_busy(environ=os.environ) -> None:
     aside for another process: on a 2-core Ice Lake with two trainings at work, float32 W1
     went from 12-18 to 21-37 tokens/s and W3 from 37-122 to 161-170. OpenMP reads it when
     torch loads, so call this before importing torch; on an idle machine nothing changes."""
-    if "OMP_WAIT_POLICY" not in environ and others_running() > 0.5:
+    if "OMP_WAIT_POLICY" not in environ and busy(os.cpu_count() or 1):  # torch's default
         environ["OMP_WAIT_POLICY"] = "PASSIVE"

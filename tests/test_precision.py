@@ -3,6 +3,10 @@
 
 import copy
 import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from core import checkpoint, kernels, precision
+from core import checkpoint, kernels, machine, precision
 from core.errors import UsageError
 from core.precision import (Float16Embeddings, Float16Linear, Int8Embeddings, Int8Linear,
                             TunedLinear, quantize_rows)
@@ -206,51 +210,43 @@ def test_a_choice_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.Chooser, "measure", staticmethod(lambda w, b, rows: "mkl"))
     weight = torch.randn(300, 64).t().contiguous().t()
     chooser = kernels.Chooser(path)
-    monkeypatch.setattr(kernels, "others_running", lambda: 2)  # two others at work
+    monkeypatch.setattr(machine, "others_running", lambda: 2)  # two others at work
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     chooser.kernel(torch.randn(1, 64), weight, None)
-    monkeypatch.setattr(kernels, "others_running", lambda: 0)  # this process alone
+    monkeypatch.setattr(machine, "others_running", lambda: 0)  # this process alone
     chooser.kernel(torch.randn(4, 64), weight, None)
     assert set(kernels.Chooser(path).table) == {"300x64@4"}  # the busy one measured again
+
+
+@contextmanager
+def another_process_at_work():
+    """A child process spinning on a core, for as long as the block runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_another_process_at_work_counts_as_busy_and_this_one_does_not():
     """What decides whether a choice is kept: another process computing now is seen at once,
     not a minute later, and this process's own threads are never counted."""
-    import subprocess
-    import sys
-    import time
-
-    before = kernels.others_running()
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        assert kernels.others_running() >= 1
-    finally:
-        spinner.kill()
-        spinner.wait()
+    before = machine.others_running()
+    with another_process_at_work():
+        assert machine.others_running() >= 1
     torch.randn(512, 512) @ torch.randn(512, 512)  # our own threads, just at work
-    assert kernels.others_running() <= max(before, 0) + 1
+    assert machine.others_running() <= max(before, 0) + 1
 
 
 def test_threads_sleep_between_regions_only_when_others_are_at_work(monkeypatch):
     """OMP_WAIT_POLICY=PASSIVE where another process computes as we start; nothing on an idle
     machine; never over the user's own choice."""
-    import subprocess
-    import sys
-    import time
-
-    from core import machine
-
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        busy, chosen = {}, {"OMP_WAIT_POLICY": "ACTIVE"}
+    busy, chosen = {}, {"OMP_WAIT_POLICY": "ACTIVE"}
+    with another_process_at_work():
         machine.calm_threads_when_busy(busy)
         machine.calm_threads_when_busy(chosen)
-    finally:
-        spinner.kill()
-        spinner.wait()
     assert busy == {"OMP_WAIT_POLICY": "PASSIVE"} and chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
     monkeypatch.setattr(machine, "others_running", lambda: 0)
     idle = {}
