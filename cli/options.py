@@ -58,7 +58,7 @@ FLAGS = {
     "beam_size": flag(int, "--beam-size", "-b", help="Hypotheses kept per sentence [default: 5, or the model's]."),
     "length_penalty": flag(float, "--length-penalty", metavar="ALPHA",
                            help="GNMT length penalty alpha; 0 ranks by the plain sum of "
-                           "log-probs [default: the model's (en-de: 2.5), else 0.6]."),
+                           "log-probs [default: the model's, from its generation.json, else 0.6]."),
     "n_best": flag(int, "--n-best", help="Print N alternatives per line with their scores "
                    "(beam search)."),
     "top_k": flag(int, "--top-k", "-k", help="Sample only from the k most likely tokens."),
