@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 
-from core.model import Dropout
+from core.model import Dropout, few_query_attention
 
 VARIANTS = [
     {},  # the paper: post-norm, sinusoidal interleaved, relu, tied output
@@ -137,6 +137,19 @@ def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
         b, copies = model.decode_step(tokens, copies)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert shared.cross_k[0].size(0) == 2 and copies.cross_k[0].size(0) == 4
+
+
+@pytest.mark.parametrize("queries, keys", [(1, 1), (1, 13), (4, 30), (16, 16)])
+def test_few_query_attention_equals_the_fused_kernel(queries, keys):
+    """The plain products that decoding steps use give torch's fused attention, masks and all."""
+    g = torch.Generator().manual_seed(queries * 100 + keys)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g) for n in (queries, keys, keys))
+    mask = torch.ones(3, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., keys // 2 + 1:] = False  # a padded source
+    causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    for m in (None, mask, causal):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        torch.testing.assert_close(few_query_attention(q, k, v, m), want, atol=1e-5, rtol=1e-4)
 
 
 def test_too_long_input_is_a_clear_error():

@@ -178,6 +178,18 @@ def test_int8_matrices_are_read_in_slices(model_dir):
     assert all(n.endswith((".bias", "norm.weight", "logits_bias")) for n in read), read
 
 
+def test_a_wide_int8_layer_in_blocks_computes_what_one_block_does(monkeypatch):
+    """The output layer is packed in blocks of rows; every logit lands in its own column."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(100, 32), torch.randn(100), torch.randn(3, 5, 32)
+    whole = Int8Linear.from_float(weight, bias)
+    monkeypatch.setattr(Int8Linear, "BLOCK", 16)
+    blocked = Int8Linear.from_float(weight, bias)
+    assert len(blocked.packed) == 7 and len(whole.packed) == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(blocked(x), whole(x))
+
+
 @pytest.mark.parametrize("kernel", sorted(kernels.KERNELS))
 @pytest.mark.parametrize("shape", [(1, 48), (4, 48), (2, 7, 48), (0, 48)])
 def test_every_kernel_computes_the_layer(kernel, shape, monkeypatch):
