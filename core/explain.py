@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from core import segment
+from core.model import attention_probs
 from core.search import NEG_INF, DecodeOptions
 from core.translator import Translator
 
@@ -83,9 +84,7 @@ def attention_weights(model, tgt_in: Tensor, memory: Tensor, src_mask: Tensor,
     def hook(module, args):
         x, k, _, mask = args
         q = module.split(module.q_proj(x))  # (1, H, T, Dh)
-        scores = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5  # (1, H, T, S)
-        scores = scores.masked_fill(~mask, NEG_INF) if mask is not None else scores
-        caught["weights"] = scores.float().softmax(-1).mean(1)[0]  # (T, S)
+        caught["weights"] = attention_probs(q.float(), k.float(), mask).mean(1)[0]  # (T, S)
 
     handle = attn.register_forward_pre_hook(hook)
     try:

@@ -96,12 +96,17 @@ FEW_QUERIES = 16  # up to this many query positions per row, CPU inference compu
 # AMD EPYC Zen 4, 2 threads). Past that, the fused kernel, which never holds the score matrix.
 
 
-def few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(Dh)) v with the scores materialised: (B, H, T, Dh)."""
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)), masked: each query's weights over the keys (B, H, T, L)."""
     scores = q @ k.transpose(-1, -2) * q.size(-1) ** -0.5  # (B, H, T, L)
     if mask is not None:
         scores.masked_fill_(mask.logical_not(), float("-inf"))
-    return torch.softmax(scores, -1) @ v  # (B, H, T, Dh)
+    return torch.softmax(scores, -1)  # (B, H, T, L)
+
+
+def few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v with the scores materialised: (B, H, T, Dh)."""
+    return attention_probs(q, k, mask) @ v  # (B, H, T, Dh)
 
 
 class MultiHeadAttention(nn.Module):
