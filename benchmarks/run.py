@@ -224,7 +224,8 @@ def report(env: dict, pairs: list[tuple[str, str]], runs: list[dict], cli: dict 
         rss = [f"{r['peak_rss_mb']:.0f}" if r and "error" not in r else "-" for r in found]
         return [f"{engine} {mode}", f"{statistics.median(loads):.2f}" if loads else "-", *rss]
 
-    out += ["", "Load time (s, median of the runs) and peak RSS (MB) of each run's process:", ""]
+    out += ["", "Load time (s, median of the runs) and peak RSS (MB) of each run's process "
+            "(-w2: the peak of its processes' summed PSS, sampled every 250 ms):", ""]
     out += table(["engine", "load s", *(f"RSS {w}" for w in WORKLOADS)],
                  [memory_row(e, m) for e, m in pairs])
 

@@ -13,7 +13,13 @@ A choice measured while other work kept the CPUs busy (threads of other processe
 that moment) serves this process but is not kept: timings taken then say little, and a wrong
 choice would stay.
 
-TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing."""
+TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing.
+
+int8 layers (core.precision) choose the same way between the quantized engines torch ships:
+fbgemm, fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the
+CPU has them (an Intel Xeon with AMX: 3.4x fbgemm for a 58k-row output layer at 128 rows).
+Their choices are kept in a file of their own (`*-int8.json`); TRANSLATE_INT8_KERNEL=fbgemm or
+=onednn forces one."""
 
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ def onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 KERNELS: dict[str, Kernel] = {"mkl": F.linear}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     KERNELS["onednn"] = onednn
+INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
+                     if e in torch.backends.quantized.supported_engines)
 TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
 
 
@@ -49,10 +57,27 @@ def bucket(rows: int) -> int:
     return 1 << min(max(rows - 1, 0).bit_length(), 8)
 
 
+def fastest(calls: dict[str, Callable[[], object]], handicap: dict[str, float] = {}) -> str:
+    """The name of the call that runs fastest (its best of TIMED_CALLS, after one untimed),
+    each call's seconds multiplied by its handicap (1 if none): what it must win by."""
+    best, best_s = next(iter(calls)), float("inf")
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call()
+            for _ in range(TIMED_CALLS):
+                start = time.perf_counter()
+                call()
+                seconds = (time.perf_counter() - start) * handicap.get(name, 1.0)
+                if seconds < best_s:
+                    best, best_s = name, seconds
+    return best
+
+
 class Chooser:
     """Kernel names by (out, in, row bucket), measured where missing, kept in `path`."""
 
-    def __init__(self, path: Path | None, forced: str | None = None):
+    def __init__(self, path: Path | None, forced: str | None = None,
+                 names: tuple[str, ...] = tuple(KERNELS)):
         self.path, self.forced = path, forced
         self.threads = torch.get_num_threads()  # the choices hold for this many threads
         self.table: dict[str, str] = {}
@@ -60,38 +85,37 @@ class Chooser:
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                self.table = {k: v for k, v in data.get("choices", {}).items() if v in KERNELS}
+                self.table = {k: v for k, v in data.get("choices", {}).items() if v in names}
             except (OSError, ValueError, AttributeError):
                 pass  # none yet, or unreadable: measured again
 
-    def kernel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Kernel:
+    @staticmethod
+    def key(weight_shape, rows: int) -> str:
+        return f"{weight_shape[0]}x{weight_shape[1]}@{bucket(rows)}"
+
+    def choose(self, key: str, measure: Callable[[], str]) -> str:
+        """The name kept for `key`, or the one `measure()` finds (kept if the CPUs were idle)."""
         if self.forced:
-            return KERNELS[self.forced]
-        rows = bucket(x.numel() // max(x.size(-1), 1))
-        key = f"{weight.size(0)}x{weight.size(1)}@{rows}"
+            return self.forced
         name = self.table.get(key)
         if name is None:
-            name = self.table[key] = self.measure(weight, bias, rows)
+            name = self.table[key] = measure()
             if busy(self.threads):
                 self.unsure.add(key)
             else:
                 self.save()
-        return KERNELS[name]
+        return name
+
+    def kernel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Kernel:
+        rows = x.numel() // max(x.size(-1), 1)
+        key = self.key(weight.shape, rows)
+        return KERNELS[self.choose(key, lambda: self.measure(weight, bias, bucket(rows)))]
 
     @staticmethod
     def measure(weight: Tensor, bias: Tensor | None, rows: int) -> str:
         x = torch.randn(rows, weight.size(1), dtype=weight.dtype)
-        best, best_s = "mkl", float("inf")
-        with torch.inference_mode():
-            for name, kernel in KERNELS.items():
-                kernel(x, weight, bias)
-                for _ in range(TIMED_CALLS):
-                    start = time.perf_counter()
-                    kernel(x, weight, bias)
-                    seconds = time.perf_counter() - start
-                    if seconds < best_s:
-                        best, best_s = name, seconds
-        return best
+        return fastest({name: (lambda k=kernel: k(x, weight, bias))
+                        for name, kernel in KERNELS.items()})
 
     def save(self) -> None:
         if self.path is None:
@@ -107,23 +131,27 @@ class Chooser:
             pass
 
 
-_chooser: Chooser | None = None
+# per family: the choices' names, the variable that forces one, the cache file's suffix
+FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", ""),
+            "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8")}
+_choosers: dict[str, Chooser] = {}
 
 
-def chooser() -> Chooser:
-    """The process's Chooser, made on first use for the current thread count."""
-    global _chooser
+def chooser(family: str = "float32") -> Chooser:
+    """The process's Chooser for `family`, made on first use for the current thread count."""
+    names, variable, suffix = FAMILIES[family]
     threads = torch.get_num_threads()
-    if _chooser is None or _chooser.threads != threads:
-        forced = os.environ.get("TRANSLATE_KERNEL") or None
-        if forced is not None and forced not in KERNELS:
+    found = _choosers.get(family)
+    if found is None or found.threads != threads:
+        forced = os.environ.get(variable) or None
+        if forced is not None and forced not in names:
             from core.errors import UsageError
 
-            raise UsageError(f"TRANSLATE_KERNEL={forced}: choose from {', '.join(KERNELS)}")
+            raise UsageError(f"{variable}={forced}: choose from {', '.join(names)}")
         slug = re.sub(r"[^\w.-]+", "_", cpu_name()).strip("_")[:80]
-        path = cache_root() / "kernels" / f"{slug}-torch{torch.__version__}-t{threads}.json"
-        _chooser = Chooser(path, forced)
-    return _chooser
+        path = cache_root() / "kernels" / f"{slug}-torch{torch.__version__}-t{threads}{suffix}.json"
+        found = _choosers[family] = Chooser(path, forced, names)
+    return found
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

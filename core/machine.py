@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 
@@ -25,8 +26,9 @@ def cpu_name() -> str:
 
 def others_running() -> float:
     """Threads of other processes running or ready to run now: on Linux, the kernel's count of
-    runnable threads less this process's own (the least of three looks); elsewhere the 1-minute
-    load average less one. Not the load average where the count exists: it lags by a minute, so
+    runnable threads less this process's own (the least of three looks, 10 ms apart: right
+    after a large product one more thread is often seen runnable for a moment); elsewhere the
+    1-minute load average less one. Not the load average where the count exists: it lags by a minute, so
     the process that ran just before (a benchmark, the user's previous `translate`) made this
     one look busy."""
     try:
@@ -36,6 +38,9 @@ def others_running() -> float:
             own = sum(stat.read_text().rpartition(")")[2].split()[0] == "R"
                       for stat in Path("/proc/self/task").glob("*/stat"))
             looks.append(running - own)
+            if looks[-1] <= 0:
+                break
+            time.sleep(0.01)
         return min(looks)
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0] - 1

@@ -258,7 +258,10 @@ class Transformer(nn.Module):
     def new_cache(self, memory: Tensor, src_mask: Tensor, group: int = 1) -> KVCache:
         """Project the encoder output into every layer's cross-attention K/V, once; give each
         sentence `group` decoder rows (its beams) with empty self-attention K/V."""
-        cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]  # (B, H, S, Dh)
+        # contiguous, once: a transposed view's (B, H) do not flatten into one batch of matrix
+        # products, so every step would copy them (14% of a 32-sentence batch's time)
+        cross = [[t.contiguous() for t in layer.cross_attn.project_kv(memory)]
+                 for layer in self.decoder]  # 2 x (B, H, S, Dh)
         B, H, Dh = memory.size(0), self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
         buffers = [memory.new_empty(B * group, H, 16, Dh) for _ in range(2 * len(self.decoder))]
         return KVCache(self_k=buffers[0::2], self_v=buffers[1::2], cross_k=[k for k, _ in cross],

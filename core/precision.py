@@ -38,27 +38,53 @@ def quantize_rows(weight) -> tuple[Tensor, Tensor]:
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 (one scale per output row) and x quantized per call, with
-    one scale for the whole input: fbgemm's dynamic quantization, the fastest int8 kernels
-    PyTorch has on x86. That shared scale makes a sentence's result depend slightly on the
-    other sentences of its batch.
+    one scale for the whole input: dynamic quantization, in fbgemm's kernels (the fastest
+    PyTorch has on x86 at few rows) or oneDNN's. That shared scale makes a sentence's result
+    depend slightly on the other sentences of its batch.
 
-    A wide layer (the output layer) is packed in blocks of BLOCK output rows, each computed
-    into its slice of the result: fbgemm gives every call an int32 buffer as large as its
-    output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and the
+    Called with ONEDNN_ROWS rows or more (a batch: AMX's tiles pay there), a layer for whose
+    shape core.kernels measures oneDNN at least ONEDNN_WIN times faster at those rows moves to
+    oneDNN's packing for good and frees fbgemm's. Both compute the same numbers (the same
+    quantization), but oneDNN's packing holds the weights twice (its own layout and the
+    original): 63 MB for a 58k x 512 output layer where fbgemm's holds 31, so a small gain, or
+    one sentence's (at most 1.2x), is not worth it.
+
+    fbgemm's packing of a wide layer (the output layer) is in blocks of BLOCK output rows, each
+    computed into its slice of the result: fbgemm gives every call an int32 buffer as large as
+    its output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and the
     heap keeps what that churns (one such call: 444 MB peak whole, 341 blocked; the benchmark
     model's load: 402 and 374 MB)."""
 
     BLOCK = 8192
+    # fbgemm to start with where torch has it, and oneDNN to move to
+    FIRST = "fbgemm" if "fbgemm" in kernels.INT8_ENGINES else None
+    MOVABLE = set(kernels.INT8_ENGINES) >= {"fbgemm", "onednn"}
+    ONEDNN_ROWS = 32
+    ONEDNN_WIN = 1.5  # for the memory it costs (an Intel Xeon with AMX, 2 threads: 3.4x for
+    # the output layer at 128 rows, 3.2x at 32, 1.2x at 1; 1.1x or less for 512-wide layers
+    # at 32 rows, 1.3-1.9x at 128)
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None):
         super().__init__()
-        self.out_features = q.size(0)
-        self.packed = [self.pack(q[i:i + self.BLOCK], scale[i:i + self.BLOCK],
-                                 None if bias is None else bias[i:i + self.BLOCK])
-                       for i in range(0, q.size(0), self.BLOCK)]
+        self.out_features, self.in_features = q.shape
+        self.engine = self.FIRST
+        self.packed = self.pack(q, scale, bias, self.engine)
+
+    def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None, engine: str | None) -> list:
+        """Prepacked weights for `engine`'s kernels: fbgemm's in blocks, oneDNN's whole."""
+        step = self.BLOCK if engine == self.FIRST else q.size(0)
+        before = torch.backends.quantized.engine
+        try:
+            if engine is not None:  # prepacking is for the engine set now; calls follow the pack
+                torch.backends.quantized.engine = engine
+            return [self.pack_block(q[i:i + step], scale[i:i + step],
+                                    None if bias is None else bias[i:i + step])
+                    for i in range(0, q.size(0), step)]
+        finally:
+            torch.backends.quantized.engine = before
 
     @staticmethod
-    def pack(q: Tensor, scale: Tensor, bias: Tensor | None):
+    def pack_block(q: Tensor, scale: Tensor, bias: Tensor | None):
         zero = torch.zeros(q.size(0), dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated; these kernels are not
             warnings.simplefilter("ignore")
@@ -66,20 +92,58 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_prepack(
             qweight, None if bias is None else bias.detach().float())
 
+    def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The int8 matrix, its row scales and the bias, back out of `packed`, which is emptied
+        as it goes (where it is the layer's own, each block is freed once read)."""
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        scale, biases, row = torch.empty(self.out_features), [], 0
+        while packed:
+            weight, bias = torch.ops.quantized.linear_unpack(packed.pop(0))
+            rows = slice(row, row + weight.size(0))
+            q[rows], scale[rows] = weight.int_repr(), weight.q_per_channel_scales()
+            biases.append(bias)
+            row += weight.size(0)
+        return q, scale, None if biases[0] is None else torch.cat(biases)
+
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
         return cls(*quantize_rows(weight), bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # activations get 7 bits so that CPUs without VNNI never saturate their 16-bit sums
         x = x.float()
-        if len(self.packed) == 1:
-            return torch.ops.quantized.linear_dynamic(x, self.packed[0], True)  # (..., out)
+        rows = x.numel() // max(x.size(-1), 1)
+        if self.MOVABLE and self.engine != "onednn" and rows >= self.ONEDNN_ROWS:
+            self.choose_engine(rows)
+        return self.run(x, self.packed)
+
+    def run(self, x: Tensor, packed: list) -> Tensor:
+        # activations get 7 bits so that CPUs without VNNI never saturate their 16-bit sums
+        if len(packed) == 1:
+            return torch.ops.quantized.linear_dynamic(x, packed[0], True)  # (..., out)
         out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
-        for i, packed in enumerate(self.packed):  # x quantizes alike in every block
+        for i, block in enumerate(packed):  # x quantizes alike in every block
             out[..., i * self.BLOCK:(i + 1) * self.BLOCK] = torch.ops.quantized.linear_dynamic(
-                x, packed, True)
+                x, block, True)
         return out
+
+    def choose_engine(self, rows: int) -> None:
+        """Move to oneDNN if it is the engine measured (or kept) fastest at `rows` here."""
+        trial = []
+
+        def measure() -> str:  # on this very layer, whose oneDNN packing is kept if it wins
+            trial.append(self.pack(*self.unpacked(list(self.packed)), "onednn"))
+            x = torch.randn(kernels.bucket(rows), self.in_features)
+            return kernels.fastest({self.engine: lambda: self.run(x, self.packed),
+                                    "onednn": lambda: self.run(x, trial[0])},
+                                   handicap={"onednn": self.ONEDNN_WIN})
+
+        key = kernels.Chooser.key((self.out_features, self.in_features), rows)
+        if kernels.chooser("int8").choose(key, measure) == "onednn":
+            self.packed = trial[0] if trial else self.pack(*self.unpacked(self.packed), "onednn")
+            self.engine = "onednn"
+        if trial or self.engine == "onednn":  # a packing freed
+            trial.clear()
+            give_back_memory()
 
 
 class Int8Embeddings(nn.Module):

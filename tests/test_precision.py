@@ -190,10 +190,72 @@ def test_a_wide_int8_layer_in_blocks_computes_what_one_block_does(monkeypatch):
         torch.testing.assert_close(blocked(x), whole(x))
 
 
+def int8_chooser(monkeypatch, forced=None):
+    chooser = kernels.Chooser(None, forced, kernels.INT8_ENGINES)
+    monkeypatch.setitem(kernels._choosers, "int8", chooser)
+    return chooser
+
+
+needs_onednn = pytest.mark.skipif(not Int8Linear.MOVABLE,
+                                  reason="torch has no oneDNN and fbgemm int8 engines here")
+
+
+@needs_onednn
+@pytest.mark.parametrize("block", [8192, 16])
+def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(block,
+                                                                           monkeypatch):
+    """Forced to oneDNN, a layer stays with fbgemm for one sentence's rows and moves, whole,
+    once a batch comes; the numbers do not change (the same quantization either way)."""
+    int8_chooser(monkeypatch, forced="onednn")
+    monkeypatch.setattr(Int8Linear, "BLOCK", block)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(100, 48), torch.randn(100)
+    layer, kept = Int8Linear.from_float(weight, bias), Int8Linear.from_float(weight, bias)
+    few, batch = torch.randn(2, 3, 48), torch.randn(40, 48)
+    with torch.inference_mode():
+        want_few, want_batch = kept.run(few, kept.packed), kept.run(batch, kept.packed)
+        assert torch.equal(layer(few), want_few) and layer.engine == "fbgemm"
+        torch.testing.assert_close(layer(batch), want_batch, rtol=1e-5, atol=1e-4)
+        assert layer.engine == "onednn" and len(layer.packed) == 1
+        torch.testing.assert_close(layer(few), want_few, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("winner", ["fbgemm", "onednn"])
+def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(winner,
+                                                                          monkeypatch):
+    chooser = int8_chooser(monkeypatch)
+    monkeypatch.setattr(kernels, "busy", lambda threads: False)
+    timed = []
+    monkeypatch.setattr(kernels, "fastest", lambda calls, handicap: timed.append(
+        {name: call() for name, call in calls.items()}) or winner)
+    monkeypatch.setattr(Int8Linear, "BLOCK", 16)
+    torch.manual_seed(0)
+    weight = torch.randn(100, 48)
+    layer, kept = Int8Linear.from_float(weight), Int8Linear.from_float(weight)
+    x = torch.randn(33, 48)
+    with torch.inference_mode():
+        out = layer(x)
+        layer(x)
+        torch.testing.assert_close(out, kept(x), rtol=1e-5, atol=1e-4)
+    assert len(timed) == 1 and chooser.table == {"100x48@64": winner}  # measured once
+    measured = timed[0]  # both engines ran this layer's weights at the bucket's rows
+    assert measured["fbgemm"].shape == (64, 100)
+    torch.testing.assert_close(measured["fbgemm"], measured["onednn"], rtol=1e-5, atol=1e-4)
+    assert layer.engine == winner and len(layer.packed) == (7 if winner == "fbgemm" else 1)
+
+
+def test_a_forced_int8_engine_must_exist(monkeypatch):
+    monkeypatch.setattr(kernels, "_choosers", {})
+    monkeypatch.setenv("TRANSLATE_INT8_KERNEL", "mkl")
+    with pytest.raises(UsageError, match="TRANSLATE_INT8_KERNEL=mkl"):
+        kernels.chooser("int8")
+
+
 @pytest.mark.parametrize("kernel", sorted(kernels.KERNELS))
 @pytest.mark.parametrize("shape", [(1, 48), (4, 48), (2, 7, 48), (0, 48)])
 def test_every_kernel_computes_the_layer(kernel, shape, monkeypatch):
-    monkeypatch.setattr(kernels, "_chooser", kernels.Chooser(None, forced=kernel))
+    monkeypatch.setitem(kernels._choosers, "float32", kernels.Chooser(None, forced=kernel))
     torch.manual_seed(0)
     linear = nn.Linear(48, 200)
     x = torch.randn(shape)
@@ -272,7 +334,7 @@ def test_measuring_picks_a_kernel_that_exists():
 
 
 def test_a_forced_kernel_must_exist(monkeypatch):
-    monkeypatch.setattr(kernels, "_chooser", None)
+    monkeypatch.setattr(kernels, "_choosers", {})
     monkeypatch.setenv("TRANSLATE_KERNEL", "blas9")
     with pytest.raises(UsageError, match="TRANSLATE_KERNEL=blas9"):
         kernels.chooser()
