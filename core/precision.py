@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,26 @@ def quantize_rows(weight) -> tuple[Tensor, Tensor]:
         scale[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         q[rows] = torch.round(w / scale[rows, None]).to(torch.int8)
     return q, scale
+
+
+def per_channel(q: Tensor, scale: Tensor) -> Tensor:
+    """An int8 matrix with one scale per row as a quantized tensor (a copy), for prepacking."""
+    zero = torch.zeros(q.size(0), dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; these kernels are not
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+
+
+@contextmanager
+def quantized_engine(name: str | None):
+    """Prepacking packs for the engine set at the time (calls then follow the packing)."""
+    before = torch.backends.quantized.engine
+    if name is not None:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 class Int8Linear(nn.Module):
@@ -68,33 +89,28 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.engine = self.FIRST
-        self.packed = self.pack(q, scale, bias, self.engine)
+        self.packed = self.pack(q, scale, bias)
 
-    def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None, engine: str | None) -> list:
-        """Prepacked weights for `engine`'s kernels: fbgemm's in blocks, oneDNN's whole."""
-        step = self.BLOCK if engine == self.FIRST else q.size(0)
-        before = torch.backends.quantized.engine
-        try:
-            if engine is not None:  # prepacking is for the engine set now; calls follow the pack
-                torch.backends.quantized.engine = engine
-            return [self.pack_block(q[i:i + step], scale[i:i + step],
-                                    None if bias is None else bias[i:i + step])
-                    for i in range(0, q.size(0), step)]
-        finally:
-            torch.backends.quantized.engine = before
+    def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> list:
+        """fbgemm's packing (or, without fbgemm, the default engine's), in blocks of BLOCK rows."""
+        with quantized_engine(self.FIRST):
+            return [torch.ops.quantized.linear_prepack(
+                per_channel(q[i:i + self.BLOCK], scale[i:i + self.BLOCK]),
+                None if bias is None else bias[i:i + self.BLOCK].detach().float())
+                for i in range(0, q.size(0), self.BLOCK)]
 
-    @staticmethod
-    def pack_block(q: Tensor, scale: Tensor, bias: Tensor | None):
-        zero = torch.zeros(q.size(0), dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are deprecated; these kernels are not
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(
-            qweight, None if bias is None else bias.detach().float())
+    def onednn_packing(self, packed: list) -> list:
+        """oneDNN's packing, whole, of the weights in fbgemm's `packed`, which empties as it
+        goes (where it is the layer's own, each block is freed once read, and the int8 matrix
+        once quantized: moving never holds more than where it ends)."""
+        q, scale, bias = self.unpacked(packed)
+        qweight = per_channel(q, scale)
+        del q
+        with quantized_engine("onednn"):
+            return [torch.ops.quantized.linear_prepack(qweight, bias)]
 
     def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The int8 matrix, its row scales and the bias, back out of `packed`, which is emptied
-        as it goes (where it is the layer's own, each block is freed once read)."""
+        """The int8 matrix, its row scales and the bias, out of `packed`, which empties."""
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         scale, biases, row = torch.empty(self.out_features), [], 0
         while packed:
@@ -131,7 +147,7 @@ class Int8Linear(nn.Module):
         trial = []
 
         def measure() -> str:  # on this very layer, whose oneDNN packing is kept if it wins
-            trial.append(self.pack(*self.unpacked(list(self.packed)), "onednn"))
+            trial.append(self.onednn_packing(list(self.packed)))
             x = torch.randn(kernels.bucket(rows), self.in_features)
             return kernels.fastest({self.engine: lambda: self.run(x, self.packed),
                                     "onednn": lambda: self.run(x, trial[0])},
@@ -139,7 +155,7 @@ class Int8Linear(nn.Module):
 
         key = kernels.Chooser.key((self.out_features, self.in_features), rows)
         if kernels.chooser("int8").choose(key, measure) == "onednn":
-            self.packed = trial[0] if trial else self.pack(*self.unpacked(self.packed), "onednn")
+            self.packed = trial[0] if trial else self.onednn_packing(self.packed)
             self.engine = "onednn"
         if trial or self.engine == "onednn":  # a packing freed
             trial.clear()
