@@ -65,10 +65,11 @@ class Int8Linear(nn.Module):
 
     Called with ONEDNN_ROWS rows or more (a batch: AMX's tiles pay there), a layer for whose
     shape core.kernels measures oneDNN at least ONEDNN_WIN times faster at those rows moves to
-    oneDNN's packing for good and frees fbgemm's. Both compute the same numbers (the same
-    quantization), but oneDNN's packing holds the weights twice (its own layout and the
-    original): 63 MB for a 58k x 512 output layer where fbgemm's holds 31, so a small gain, or
-    one sentence's (at most 1.2x), is not worth it.
+    oneDNN's packing for good and frees fbgemm's. Both quantize alike and agree to float
+    rounding (which can still tip an activation to the next int8 step, so a translation may
+    differ in places, as with other batch-mates). oneDNN's packing holds the weights twice
+    (its own layout and the original): 65 MB for a 58k x 512 output layer where fbgemm's holds
+    31, so a small gain, or one sentence's (at most 1.2x), is not worth it.
 
     fbgemm's packing of a wide layer (the output layer) is in blocks of BLOCK output rows, each
     computed into its slice of the result: fbgemm gives every call an int32 buffer as large as

@@ -205,7 +205,7 @@ needs_onednn = pytest.mark.skipif(not Int8Linear.MOVABLE,
 def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(block,
                                                                            monkeypatch):
     """Forced to oneDNN, a layer stays with fbgemm for one sentence's rows and moves, whole,
-    once a batch comes; the numbers do not change (the same quantization either way)."""
+    once a batch comes; its results agree to float rounding (the same quantization)."""
     int8_chooser(monkeypatch, forced="onednn")
     monkeypatch.setattr(Int8Linear, "BLOCK", block)
     torch.manual_seed(0)
