@@ -28,9 +28,9 @@ def others_running() -> float:
     """Threads of other processes running or ready to run now: on Linux, the kernel's count of
     runnable threads less this process's own (the least of three looks, 10 ms apart: right
     after a large product one more thread is often seen runnable for a moment); elsewhere the
-    1-minute load average less one. Not the load average where the count exists: it lags by a minute, so
-    the process that ran just before (a benchmark, the user's previous `translate`) made this
-    one look busy."""
+    1-minute load average less one. Not the load average where the count exists: it lags by a
+    minute, so the process that ran just before (a benchmark, the user's previous `translate`)
+    made this one look busy."""
     try:
         looks = []
         for _ in range(3):
