@@ -24,6 +24,16 @@ def cpu_name() -> str:
     return name
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (`flags` in /proc/cpuinfo; none where there is no such file)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    found = re.search(r"^flags\s*:\s*(.*)$", info, re.MULTILINE)
+    return set(found[1].split()) if found else set()
+
+
 def others_running() -> float:
     """Threads of other processes running or ready to run now: on Linux, the kernel's count of
     runnable threads less this process's own (the least of three looks, 10 ms apart: right

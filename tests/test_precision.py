@@ -207,6 +207,7 @@ def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(bl
     """Forced to oneDNN, a layer stays with fbgemm for one sentence's rows and moves, whole,
     once a batch comes; its results agree to float rounding (the same quantization)."""
     int8_chooser(monkeypatch, forced="onednn")
+    monkeypatch.setattr(Int8Linear, "ONEDNN_7_BITS", True)  # fbgemm's quantization exactly
     monkeypatch.setattr(Int8Linear, "BLOCK", block)
     torch.manual_seed(0)
     weight, bias = torch.randn(100, 48), torch.randn(100)
@@ -225,6 +226,7 @@ def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(bl
 def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(winner,
                                                                           monkeypatch):
     chooser = int8_chooser(monkeypatch)
+    monkeypatch.setattr(Int8Linear, "ONEDNN_7_BITS", True)
     monkeypatch.setattr(kernels, "busy", lambda threads: False)
     timed = []
     monkeypatch.setattr(kernels, "fastest", lambda calls, handicap: timed.append(
@@ -243,6 +245,26 @@ def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(win
     assert measured["fbgemm"].shape == (64, 100)
     torch.testing.assert_close(measured["fbgemm"], measured["onednn"], rtol=1e-5, atol=1e-4)
     assert layer.engine == winner and len(layer.packed) == (7 if winner == "fbgemm" else 1)
+
+
+@needs_onednn
+def test_an_int8_layer_on_onednn_with_8_bit_activations_stays_close_to_float32(monkeypatch):
+    """Where the CPU sums int8 products in 32 bits, oneDNN's layers quantize activations to all
+    8 bits: still the float32 layer to within int8 rounding, and no further from it than 7."""
+    int8_chooser(monkeypatch, forced="onednn")
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, 200), torch.randn(40, 48)
+    want = nn.functional.linear(x, linear.weight, linear.bias).detach()
+    errors = {}
+    for seven in (True, False):
+        monkeypatch.setattr(Int8Linear, "ONEDNN_7_BITS", seven)
+        layer = Int8Linear.from_float(linear.weight, linear.bias)
+        with torch.inference_mode():
+            got = layer(x)
+        assert layer.engine == "onednn" and layer.seven_bits is seven
+        errors[seven] = float((got - want).abs().mean())
+    assert errors[False] < 0.03 * float(want.abs().mean())
+    assert errors[False] <= errors[True]
 
 
 def test_a_forced_int8_engine_must_exist(monkeypatch):
