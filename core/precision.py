@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
     oneDNN's packing for good and frees fbgemm's. Where the CPU multiplies int8 into 32-bit
     sums (VNNI, AMX), oneDNN's layers quantize activations to all 8 bits, not 7: on Multi30k
     test2016 the de-en model's int8 BLEU went from 42.05 to 42.42 that way (float32 42.36;
-    fbgemm alone 42.23), en-de's from 40.72 to 40.69 (40.69). oneDNN's packing holds the weights twice
+    fbgemm alone 42.23). oneDNN's packing holds the weights twice
     (its own layout and the original): 65 MB for a 58k x 512 output layer where fbgemm's holds
     31, so a small gain, or one sentence's (at most 1.2x), is not worth it.
 
