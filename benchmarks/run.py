@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.engines import MODES, THREADS
 from benchmarks.workloads import NEW_TOKENS, RESULTS, WORKLOADS
-from core.machine import cpu_name
+from core.machine import cpu_flags, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSLATE = Path(sys.executable).parent / "translate"  # the CLI of this environment
@@ -139,9 +139,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
-    have = set(flags[1].split()) if flags else set()
+    have = cpu_flags()
     commit = subprocess.run(["git", "describe", "--always", "--dirty"],
                             check=False, cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()

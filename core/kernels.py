@@ -57,6 +57,11 @@ def bucket(rows: int) -> int:
     return 1 << min(max(rows - 1, 0).bit_length(), 8)
 
 
+def rows(x: Tensor) -> int:
+    """The rows a (..., in) input holds: the product of its leading dimensions."""
+    return x.numel() // max(x.size(-1), 1)
+
+
 def fastest(calls: dict[str, Callable[[], object]], handicap: dict[str, float] = {}) -> str:
     """The name of the call that runs fastest (its best of TIMED_CALLS, after one untimed),
     each call's seconds multiplied by its handicap (1 if none): what it must win by."""
@@ -107,9 +112,9 @@ class Chooser:
         return name
 
     def kernel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Kernel:
-        rows = x.numel() // max(x.size(-1), 1)
-        key = self.key(weight.shape, rows)
-        return KERNELS[self.choose(key, lambda: self.measure(weight, bias, bucket(rows)))]
+        n = rows(x)
+        key = self.key(weight.shape, n)
+        return KERNELS[self.choose(key, lambda: self.measure(weight, bias, bucket(n)))]
 
     @staticmethod
     def measure(weight: Tensor, bias: Tensor | None, rows: int) -> str:

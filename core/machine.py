@@ -3,19 +3,26 @@ imported here)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 from pathlib import Path
 
 
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ("" where there is no such file)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def cpu_name() -> str:
     """The CPU's model name, with its family and model numbers (virtual machines often name
     every generation of a vendor's CPUs alike, e.g. "AMD EPYC")."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return os.uname().machine
+    info = cpuinfo()
     fields = {key: re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
               for key in ("model name", "cpu family", "model")}
     name = fields["model name"][1].strip() if fields["model name"] else os.uname().machine
@@ -26,11 +33,7 @@ def cpu_name() -> str:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (`flags` in /proc/cpuinfo; none where there is no such file)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    found = re.search(r"^flags\s*:\s*(.*)$", info, re.MULTILINE)
+    found = re.search(r"^flags\s*:\s*(.*)$", cpuinfo(), re.MULTILINE)
     return set(found[1].split()) if found else set()
 
 

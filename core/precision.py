@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.engine, self.seven_bits = self.FIRST, True
+        self.engine = self.FIRST
         self.packed = self.pack(q, scale, bias)
 
     def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> list:
@@ -131,10 +131,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
-        rows = x.numel() // max(x.size(-1), 1)
+        rows = kernels.rows(x)
         if self.MOVABLE and self.engine != "onednn" and rows >= self.ONEDNN_ROWS:
             self.choose_engine(rows)
         return self.run(x, self.packed, self.seven_bits)
+
+    @property
+    def seven_bits(self) -> bool:
+        """Whether activations are quantized to 7 bits (fbgemm's always; oneDNN's on CPUs
+        without VNNI or AMX)."""
+        return self.engine != "onednn" or self.ONEDNN_7_BITS
 
     def run(self, x: Tensor, packed: list, seven_bits: bool = True) -> Tensor:
         # fbgemm's activations get 7 bits so that CPUs without VNNI never saturate their
@@ -161,7 +167,7 @@ class Int8Linear(nn.Module):
         key = kernels.Chooser.key((self.out_features, self.in_features), rows)
         if kernels.chooser("int8").choose(key, measure) == "onednn":
             self.packed = trial[0] if trial else self.onednn_packing(self.packed)
-            self.engine, self.seven_bits = "onednn", self.ONEDNN_7_BITS
+            self.engine = "onednn"
         if trial or self.engine == "onednn":  # a packing freed
             trial.clear()
             give_back_memory()
