@@ -1,31 +1,42 @@
 """The fastest float32 matrix product per CPU, layer shape and row count, found by measuring.
 
-Which kernel wins differs between CPUs and shapes: on an AMD EPYC, MKL's products at the few
-rows of a decoding step run far below what memory allows, and oneDNN's are up to 2-4x faster
-there, while on other shapes and row counts MKL wins. Both kernels read the same column-major
-weight (core.precision), so choosing costs no memory. The first time a (shape, rows) pair runs
-on a machine, each kernel is timed on that very layer (a few calls, some milliseconds; about a
-second for a 58k-row output layer at 256 rows); the choice is kept per CPU model, torch version
-and thread count in the user cache (`kernels/*.json` under $TRANSLATE_CACHE or
-~/.cache/translate), so later runs start with it.
+Which kernel wins differs between CPUs, shapes and row counts: on an AMD EPYC (Zen 4, 2
+threads), MKL's product with one row reads a 58k x 512 output layer at 24 GB/s where memory
+gives 60, and oneDNN's is faster for some shapes and slower for others. Three kernels read the
+same column-major weight (core.precision), so choosing costs no memory: MKL's (F.linear),
+oneDNN's, and `split`, a batched product over a few column blocks of the weight, one batch
+entry per block, which keeps both threads reading memory where the plain product leaves one
+idle at a decoding step's few rows (one row of that output layer: 4.1 ms against MKL's 4.9
+and oneDNN's 5.7).
+
+The kernels are timed on the model's own calls as it runs, so in the state its weights are
+really in (a model larger than the last-level cache reads every weight from memory each
+decoding step; a small one finds them cached, and the winners differ): the first calls of
+each (shape, row bucket) try the kernels in turn, each timed on TIMED_CALLS calls after an
+untimed one, and the fastest is kept per CPU model, torch version and thread count in the
+user cache (`kernels/*.json` under $TRANSLATE_CACHE or ~/.cache/translate), so later runs
+start with it. The trial costs a few calls of the slower kernels, once per machine.
 
 A choice measured while other work kept the CPUs busy (threads of other processes running at
 that moment) serves this process but is not kept: timings taken then say little, and a wrong
 choice would stay.
 
-TRANSLATE_KERNEL=mkl or =onednn forces one kernel and measures nothing.
+TRANSLATE_KERNEL=mkl, =onednn or =split forces one kernel and measures nothing.
 
 int8 layers (core.precision) choose the same way between the quantized engines torch ships:
 fbgemm, fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the
 CPU has them (an Intel Xeon with AMX: 3.4x fbgemm for a 58k-row output layer at 128 rows).
-Their choices are kept in a file of their own (`*-int8.json`); TRANSLATE_INT8_KERNEL=fbgemm or
-=onednn forces one."""
+Moving a layer repacks it, so they are timed side by side on the layer by `fastest()` instead,
+and kept in a file of their own (`*-int8.json`); TRANSLATE_INT8_KERNEL=fbgemm or =onednn
+forces one."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,12 +55,43 @@ def onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-KERNELS: dict[str, Kernel] = {"mkl": F.linear}
+def split(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int) -> Tensor:
+    """x W^T + b as one batched product over `blocks` blocks of W's rows, views of the weight
+    whatever its layout: batch entries go to threads whole, where a product with a decoding
+    step's few rows leaves all but one thread idle. Where the blocks do not divide the rows,
+    the last one starts a few rows early (it overlaps its neighbour) and those rows are
+    dropped from the result: the same stride between all blocks, so still one view."""
+    out_features, in_features = weight.shape
+    if out_features < blocks:
+        return F.linear(x, weight, bias)
+    step = out_features // blocks  # rows between block starts
+    size = out_features - (blocks - 1) * step  # rows per block: step, or a few more
+    wt = weight.t()  # (in, out), a view
+    w = wt.as_strided((blocks, in_features, size),
+                      (step * wt.stride(1), wt.stride(0), wt.stride(1)))  # (G, in, size)
+    x2 = x.reshape(-1, in_features)  # (R, in)
+    xs = x2.expand(blocks, *x2.shape)  # (G, R, in)
+    if bias is None:
+        y = torch.bmm(xs, w)  # (G, R, size)
+    else:
+        y = torch.baddbmm(bias.as_strided((blocks, 1, size), (step, 0, 1)), xs, w)
+    if size == step:
+        out = y.permute(1, 0, 2).reshape(x2.size(0), out_features)  # (R, out)
+    else:
+        out = torch.cat([*y[:-1, :, :step], y[-1]], dim=-1)  # (R, out)
+    return out.view(*x.shape[:-1], out_features)  # (..., out)
+
+
+# the batched product in 2 blocks (one per thread of two) and in 8 (a 58k x 512 output layer
+# at one row: 2.8 ms against 3.4 in 2 and MKL's 4.9, Zen 4, 2 threads)
+KERNELS: dict[str, Kernel] = {"mkl": F.linear, "split2": functools.partial(split, blocks=2),
+                              "split8": functools.partial(split, blocks=8)}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     KERNELS["onednn"] = onednn
 INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
                      if e in torch.backends.quantized.supported_engines)
-TIMED_CALLS = 3  # per kernel, after one untimed call; the fastest call counts
+TIMED_CALLS = 3  # per kernel, after one untimed call
+TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer)
 
 
 def bucket(rows: int) -> int:
@@ -78,19 +120,45 @@ def fastest(calls: dict[str, Callable[[], object]], handicap: dict[str, float] =
     return best
 
 
+class Trial:
+    """Kernels tried in turn on real calls: each call runs the kernel with the fewest timings
+    so far. The first call of each is not counted (set-up: oneDNN builds its primitive for a
+    new shape there); then each is timed on at least TIMED_CALLS calls and TRIAL_SECONDS, so
+    that calls of 0.1 ms, whose times scatter by a third, are compared on a few dozen."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.seconds: dict[str, list[float]] = {name: [] for name in names}
+
+    def next(self) -> str:
+        return min(self.seconds, key=lambda name: len(self.seconds[name]))
+
+    def record(self, name: str, seconds: float) -> None:
+        self.seconds[name].append(seconds)
+
+    def winner(self) -> str | None:
+        """The kernel with the least median time, once every kernel has been timed enough."""
+        timed = {name: s[1:] for name, s in self.seconds.items()}
+        if any(len(s) < TIMED_CALLS or sum(s) < TRIAL_SECONDS for s in timed.values()):
+            return None
+        return min(timed, key=lambda name: statistics.median(timed[name]))
+
+
 class Chooser:
     """Kernel names by (out, in, row bucket), measured where missing, kept in `path`."""
 
     def __init__(self, path: Path | None, forced: str | None = None,
                  names: tuple[str, ...] = tuple(KERNELS)):
-        self.path, self.forced = path, forced
+        self.path, self.forced, self.names = path, forced, names
         self.threads = torch.get_num_threads()  # the choices hold for this many threads
         self.table: dict[str, str] = {}
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
+        self.trials: dict[str, Trial] = {}
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                self.table = {k: v for k, v in data.get("choices", {}).items() if v in names}
+                if data.get("kernels") == sorted(names):  # else kept before a kernel came
+                    self.table = {k: v for k, v in data.get("choices", {}).items()
+                                  if v in names}
             except (OSError, ValueError, AttributeError):
                 pass  # none yet, or unreadable: measured again
 
@@ -99,28 +167,42 @@ class Chooser:
         return f"{weight_shape[0]}x{weight_shape[1]}@{bucket(rows)}"
 
     def choose(self, key: str, measure: Callable[[], str]) -> str:
-        """The name kept for `key`, or the one `measure()` finds (kept if the CPUs were idle)."""
+        """The name kept for `key`, or the one `measure()` finds."""
         if self.forced:
             return self.forced
         name = self.table.get(key)
         if name is None:
-            name = self.table[key] = measure()
-            if busy(self.threads):
-                self.unsure.add(key)
-            else:
-                self.save()
+            name = measure()
+            self.keep(key, name)
         return name
 
-    def kernel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Kernel:
-        n = rows(x)
-        key = self.key(weight.shape, n)
-        return KERNELS[self.choose(key, lambda: self.measure(weight, bias, bucket(n)))]
+    def keep(self, key: str, name: str) -> None:
+        """Record a measured choice; save it unless other processes were at work."""
+        self.table[key] = name
+        if busy(self.threads):
+            self.unsure.add(key)
+        else:
+            self.save()
 
-    @staticmethod
-    def measure(weight: Tensor, bias: Tensor | None, rows: int) -> str:
-        x = torch.randn(rows, weight.size(1), dtype=weight.dtype)
-        return fastest({name: (lambda k=kernel: k(x, weight, bias))
-                        for name, kernel in KERNELS.items()})
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x W^T + b with the kernel chosen for this shape and row count, or, until there is
+        one, the next kernel on trial, timed."""
+        key = self.key(weight.shape, rows(x))
+        name = self.forced or self.table.get(key)
+        if name is not None:
+            return KERNELS[name](x, weight, bias)
+        trial = self.trials.get(key)
+        if trial is None:
+            trial = self.trials[key] = Trial(self.names)
+        name = trial.next()
+        start = time.perf_counter()
+        out = KERNELS[name](x, weight, bias)
+        trial.record(name, time.perf_counter() - start)
+        winner = trial.winner()
+        if winner is not None:
+            del self.trials[key]
+            self.keep(key, winner)
+        return out
 
     def save(self) -> None:
         if self.path is None:
@@ -128,7 +210,7 @@ class Chooser:
         try:  # a cache that cannot be written only costs measuring again next time
             with written_whole(self.path, "w", encoding="utf-8") as f:
                 json.dump({"cpu": cpu_name(), "torch": torch.__version__,
-                           "threads": self.threads,
+                           "threads": self.threads, "kernels": sorted(self.names),
                            "choices": {k: v for k, v in self.table.items()
                                        if k not in self.unsure}}, f,
                           indent=1, sort_keys=True)
@@ -161,4 +243,4 @@ def chooser(family: str = "float32") -> Chooser:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear with the kernel chosen for this shape and row count on this machine."""
-    return chooser().kernel(x, weight, bias)(x, weight, bias)
+    return chooser().linear(x, weight, bias)
