@@ -8,8 +8,8 @@ products alone take with the kernels this machine chose.
   and value weights once, and every decoder weight and the 58,101-way output layer once per
   step (31 steps), whatever the kernel; bytes / bandwidth bounds the tokens/s from above.
 - **Products only**: times the float32 matrix products that decoding the benchmark model must
-  do, with random weights of the model's shapes, column-major, through core.kernels (MKL or
-  oneDNN per shape and row count, as our model runs them): the encoder's six products per
+  do, with random weights of the model's shapes, column-major, through core.kernels (the kernel
+  it chose per shape and row count, as our model runs them): the encoder's six products per
   layer over the real source tokens, every decoder layer's cross-attention keys and values
   once per batch, and per step, for every live row (sentences x beams), each decoder layer's
   eight products and the output layer. Attention, softmax, layer norm, search and Python are
@@ -101,8 +101,8 @@ def products(torch, cfg, w: dict, workload) -> float:
 
 
 def products_only(torch, cfg, w: dict, workload, repeats: int) -> float:
-    """Output tokens/s of the median pass, after a warm-up pass (which also lets core.kernels
-    measure any shape it has not met on this machine)."""
+    """Output tokens/s of the median pass, after a warm-up pass (in which core.kernels tries
+    its kernels on any shape and row count it has not met on this machine)."""
     products(torch, cfg, w, workload)
     seconds = statistics.median(products(torch, cfg, w, workload) for _ in range(repeats))
     return workload.output_tokens / seconds

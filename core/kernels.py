@@ -12,10 +12,11 @@ and oneDNN's 5.7).
 The kernels are timed on the model's own calls as it runs, so in the state its weights are
 really in (a model larger than the last-level cache reads every weight from memory each
 decoding step; a small one finds them cached, and the winners differ): the first calls of
-each (shape, row bucket) try the kernels in turn, each timed on TIMED_CALLS calls after an
-untimed one, and the fastest is kept per CPU model, torch version and thread count in the
-user cache (`kernels/*.json` under $TRANSLATE_CACHE or ~/.cache/translate), so later runs
-start with it. The trial costs a few calls of the slower kernels, once per machine.
+each (shape, row bucket) try the kernels in turn (Trial), and the fastest is kept per CPU
+model, torch version and thread count in the user cache (`kernels/*.json` under
+$TRANSLATE_CACHE or ~/.cache/translate), so later runs start with it. A trial costs a few
+dozen calls of the slower kernels, once per machine; one that a process leaves unfinished
+(a one-sentence run) goes on in the next.
 
 A choice measured while other work kept the CPUs busy (threads of other processes running at
 that moment) serves this process but is not kept: timings taken then say little, and a wrong
@@ -32,6 +33,7 @@ forces one."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -91,7 +93,8 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
                      if e in torch.backends.quantized.supported_engines)
 TIMED_CALLS = 3  # per kernel, after one untimed call
-TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer)
+TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer),
+TRIAL_CALLS = 48  # or this many calls
 
 
 def bucket(rows: int) -> int:
@@ -122,29 +125,35 @@ def fastest(calls: dict[str, Callable[[], object]], handicap: dict[str, float] =
 
 class Trial:
     """Kernels tried in turn on real calls: each call runs the kernel with the fewest timings
-    so far. The first call of each is not counted (set-up: oneDNN builds its primitive for a
-    new shape there); then each is timed on at least TIMED_CALLS calls and TRIAL_SECONDS, so
-    that calls of 0.1 ms, whose times scatter by a third, are compared on a few dozen."""
+    so far. A kernel's first call in a process is not counted (set-up: oneDNN builds its
+    primitive for a new shape there); then each is timed on at least TIMED_CALLS calls and
+    TRIAL_SECONDS or TRIAL_CALLS, so that calls of 0.1 ms, whose times scatter by a third,
+    are compared on a few dozen. Timings carry over to the next process (Chooser), so that
+    one-sentence runs, each too short to finish a trial, finish one together."""
 
-    def __init__(self, names: tuple[str, ...]):
-        self.seconds: dict[str, list[float]] = {name: [] for name in names}
+    def __init__(self, names: tuple[str, ...], seconds: dict[str, list[float]] | None = None):
+        self.seconds = {name: list((seconds or {}).get(name, [])) for name in names}
+        self.warm: set[str] = set()  # kernels already called in this process
 
     def next(self) -> str:
         return min(self.seconds, key=lambda name: len(self.seconds[name]))
 
     def record(self, name: str, seconds: float) -> None:
-        self.seconds[name].append(seconds)
+        if name in self.warm:
+            self.seconds[name].append(seconds)
+        self.warm.add(name)
 
     def winner(self) -> str | None:
         """The kernel with the least median time, once every kernel has been timed enough."""
-        timed = {name: s[1:] for name, s in self.seconds.items()}
-        if any(len(s) < TIMED_CALLS or sum(s) < TRIAL_SECONDS for s in timed.values()):
+        if any(len(s) < TIMED_CALLS or (sum(s) < TRIAL_SECONDS and len(s) < TRIAL_CALLS)
+               for s in self.seconds.values()):
             return None
-        return min(timed, key=lambda name: statistics.median(timed[name]))
+        return min(self.seconds, key=lambda name: statistics.median(self.seconds[name]))
 
 
 class Chooser:
-    """Kernel names by (out, in, row bucket), measured where missing, kept in `path`."""
+    """Kernel names by (out, in, row bucket), measured where missing, kept in `path` with
+    the timings of unfinished trials."""
 
     def __init__(self, path: Path | None, forced: str | None = None,
                  names: tuple[str, ...] = tuple(KERNELS)):
@@ -153,13 +162,16 @@ class Chooser:
         self.table: dict[str, str] = {}
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
         self.trials: dict[str, Trial] = {}
+        self.saves_at_exit = False
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if data.get("kernels") == sorted(names):  # else kept before a kernel came
                     self.table = {k: v for k, v in data.get("choices", {}).items()
                                   if v in names}
-            except (OSError, ValueError, AttributeError):
+                    self.trials = {k: Trial(names, seconds)
+                                   for k, seconds in data.get("trials", {}).items()}
+            except (OSError, ValueError, AttributeError, TypeError):
                 pass  # none yet, or unreadable: measured again
 
     @staticmethod
@@ -194,6 +206,9 @@ class Chooser:
         trial = self.trials.get(key)
         if trial is None:
             trial = self.trials[key] = Trial(self.names)
+        if not self.saves_at_exit and self.path is not None:
+            atexit.register(self.save_trials)  # what this process timed, for the next
+            self.saves_at_exit = True
         name = trial.next()
         start = time.perf_counter()
         out = KERNELS[name](x, weight, bias)
@@ -204,6 +219,11 @@ class Chooser:
             self.keep(key, winner)
         return out
 
+    def save_trials(self) -> None:
+        """Keep the timings of unfinished trials, unless other processes are at work."""
+        if self.trials and not busy(self.threads):
+            self.save()
+
     def save(self) -> None:
         if self.path is None:
             return
@@ -212,7 +232,10 @@ class Chooser:
                 json.dump({"cpu": cpu_name(), "torch": torch.__version__,
                            "threads": self.threads, "kernels": sorted(self.names),
                            "choices": {k: v for k, v in self.table.items()
-                                       if k not in self.unsure}}, f,
+                                       if k not in self.unsure},
+                           "trials": {k: {name: [round(s, 7) for s in seconds]
+                                          for name, seconds in trial.seconds.items()}
+                                      for k, trial in self.trials.items()}}, f,
                           indent=1, sort_keys=True)
         except OSError:
             pass

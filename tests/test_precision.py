@@ -327,6 +327,24 @@ def test_kernels_are_tried_on_real_calls_and_the_fastest_kept(tmp_path, two_kern
     assert kernels.Chooser(path, names=two_kernels).table == chooser.table
 
 
+def test_an_unfinished_trial_goes_on_in_the_next_process(tmp_path, two_kernels):
+    """A one-sentence run is too short to finish a trial: what it timed is kept for the
+    next, whose own first call of each kernel is again untimed (set-up)."""
+    path = tmp_path / "kernels.json"
+    weight, x = torch.randn(300, 64), torch.randn(1, 64)
+    first = kernels.Chooser(path, names=two_kernels)
+    for _ in range(4):  # each kernel: one untimed call, one timed
+        first.linear(x, weight, None)
+    first.save_trials()
+    second = kernels.Chooser(path, names=two_kernels)
+    assert {n: len(s) for n, s in second.trials["300x64@1"].seconds.items()} == {"fast": 1,
+                                                                                "slow": 1}
+    for _ in range(2 * kernels.TIMED_CALLS):  # 2 untimed here, then the 2 x 2 still missing
+        second.linear(x, weight, None)
+    assert second.table == {"300x64@1": "fast"} and not second.trials
+    assert kernels.Chooser(path, names=two_kernels).trials == {}
+
+
 def test_a_kept_choice_is_used_without_a_trial(tmp_path, two_kernels, monkeypatch):
     path = tmp_path / "kernels.json"
     kernels.Chooser(path, names=two_kernels).keep("300x64@1", "slow")
