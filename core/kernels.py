@@ -2,12 +2,11 @@
 
 Which kernel wins differs between CPUs, shapes and row counts: on an AMD EPYC (Zen 4, 2
 threads), MKL's product with one row reads a 58k x 512 output layer at 24 GB/s where memory
-gives 60, and oneDNN's is faster for some shapes and slower for others. Three kernels read the
-same column-major weight (core.precision), so choosing costs no memory: MKL's (F.linear),
-oneDNN's, and `split`, a batched product over a few column blocks of the weight, one batch
-entry per block, which keeps both threads reading memory where the plain product leaves one
-idle at a decoding step's few rows (one row of that output layer: 4.1 ms against MKL's 4.9
-and oneDNN's 5.7).
+gives 60, and oneDNN's is faster for some shapes and slower for others. The kernels all read
+the same column-major weight (core.precision), so choosing costs no memory: MKL's (F.linear),
+oneDNN's, and `split2`/`split8`, one batched product over 2 or 8 blocks of the weight's rows,
+which keeps both threads reading memory where the plain product leaves one idle at a decoding
+step's few rows (one row of that output layer: 2.8-3.6 ms against MKL's 4.8 and oneDNN's 5.7).
 
 The kernels are timed on the model's own calls as it runs, so in the state its weights are
 really in (a model larger than the last-level cache reads every weight from memory each
@@ -22,7 +21,7 @@ A choice measured while other work kept the CPUs busy (threads of other processe
 that moment) serves this process but is not kept: timings taken then say little, and a wrong
 choice would stay.
 
-TRANSLATE_KERNEL=mkl, =onednn or =split forces one kernel and measures nothing.
+TRANSLATE_KERNEL=mkl, =onednn, =split2 or =split8 forces one kernel and measures nothing.
 
 int8 layers (core.precision) choose the same way between the quantized engines torch ships:
 fbgemm, fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the
@@ -84,8 +83,8 @@ def split(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int) -> Tensor
     return out.view(*x.shape[:-1], out_features)  # (..., out)
 
 
-# the batched product in 2 blocks (one per thread of two) and in 8 (a 58k x 512 output layer
-# at one row: 2.8 ms against 3.4 in 2 and MKL's 4.9, Zen 4, 2 threads)
+# the batched product in 2 blocks (one per thread of two) and in 8 (smaller pieces: for some
+# shapes and row counts the faster, e.g. a 512 x 512 layer at one row on a Zen 4 EPYC)
 KERNELS: dict[str, Kernel] = {"mkl": F.linear, "split2": functools.partial(split, blocks=2),
                               "split8": functools.partial(split, blocks=8)}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
@@ -93,8 +92,8 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
                      if e in torch.backends.quantized.supported_engines)
 TIMED_CALLS = 3  # per kernel, after one untimed call
-TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer),
-TRIAL_CALLS = 48  # or this many calls
+TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer)
+TRIAL_CALLS = 48  # or this many calls, where 3 ms takes more
 
 
 def bucket(rows: int) -> int:
