@@ -47,16 +47,23 @@ def others_running() -> float:
     try:
         looks = []
         for _ in range(3):
+            # our threads running both before and after the count: one that woke in between
+            # (a library's helper thread) is not taken from the other processes' share
+            before = own_running()
             running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-            own = sum(stat.read_text().rpartition(")")[2].split()[0] == "R"
-                      for stat in Path("/proc/self/task").glob("*/stat"))
-            looks.append(running - own)
+            looks.append(running - min(before, own_running()))
             if looks[-1] <= 0:
                 break
             time.sleep(0.01)
         return min(looks)
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0] - 1
+
+
+def own_running() -> int:
+    """This process's threads that are running or ready to run."""
+    return sum(stat.read_text().rpartition(")")[2].split()[0] == "R"
+               for stat in Path("/proc/self/task").glob("*/stat"))
 
 
 def busy(threads: int) -> bool:
