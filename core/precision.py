@@ -11,6 +11,7 @@ a quarter of the bytes, and int8 dot products where the CPU has them."""
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -210,19 +211,71 @@ class Float16Embeddings(nn.Module):
 
 
 class TunedLinear(nn.Module):
-    """nn.Linear for float32 on a CPU: the weight column-major, the kernel the one measured
-    fastest here for its shape and rows (core.kernels). Same parameters, same state dict."""
+    """nn.Linear for float32 on a CPU: the weight column-major, multiplied with the kernel
+    measured fastest here for its shape and rows (core.kernels), or, where measured faster for
+    its shape on this CPU, moved to oneDNN's own packed layout for good. Same state dict.
+
+    The layout is tried on the model's own calls once the shape's kernel is chosen: each layer
+    of the shape then holds a packed copy beside its weight and alternates between the two,
+    and each pair of calls at the same rows goes to the chooser, which keeps the layout that
+    took less time (core.kernels.Chooser.compare_layouts); a kept "packed" packs at load, so
+    that forked workers share the packed weights."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__()
         weight = weight.detach()
+        self.shape = tuple(weight.shape)  # (out, in)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.packed: Tensor | None = None  # oneDNN's layout: a trial's copy, or the weight
+        self.pending: tuple[str, int, float] | None = None  # the trial's last call: layout,
+        # rows, seconds
+        self.calls = 0  # calls in the layout trial
+        if kernels.PACKABLE and kernels.chooser().layout(self.shape) == "packed":
+            self.packed = kernels.pack(weight)  # straight from the weight as read
+            self.register_parameter("weight", None)
+            return
         if weight.is_contiguous():  # row-major: lay it out column-major (one copy, once)
             weight = weight.t().contiguous().t()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), strides (1, out)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def pack_for_good(self) -> None:
+        if self.packed is None:
+            self.packed = kernels.pack(self.weight)
+        self.weight = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:
+            return kernels.onednn(x, self.packed, self.bias)  # (..., out)
+        chooser = kernels.chooser()
+        layout = chooser.layout(self.shape) if kernels.PACKABLE else "plain"
+        if layout == "packed":
+            self.pack_for_good()
+            return kernels.onednn(x, self.packed, self.bias)
+        if layout is None and chooser.settled(self.shape, kernels.rows(x)):
+            return self.try_layouts(x)
+        self.packed = None  # plain, or no kernel for these rows yet (its own trial first)
         return kernels.linear(x, self.weight, self.bias)  # (..., out)
+
+    def try_layouts(self, x: Tensor) -> Tensor:
+        """A call of the layout trial: packed and plain in turn, timed; a pair of calls at the
+        same rows gives the chooser one comparison (not this layer's first pair: set-up)."""
+        if self.packed is None:
+            self.packed = kernels.pack(self.weight)
+        layout = ("packed", "plain")[self.calls % 2]
+        self.calls += 1
+        start = time.perf_counter()
+        out = (kernels.onednn(x, self.packed, self.bias) if layout == "packed"
+               else kernels.linear(x, self.weight, self.bias))  # (..., out)
+        seconds, rows = time.perf_counter() - start, kernels.rows(x)
+        if self.pending is not None and self.pending[:2] == ("packed", rows) and self.calls > 2:
+            kernels.chooser().compare_layouts(self.shape, self.pending[2], seconds)
+        self.pending = (layout, rows, seconds)
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:  # packed for good: the matrix back from oneDNN's layout
+            destination[prefix + "weight"] = self.packed.to_dense()
 
 
 def check(dtype: str, device: torch.device) -> None:

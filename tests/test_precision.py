@@ -38,9 +38,11 @@ def test_int8_linear_is_close_to_float32(shape):
         assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
 
-def test_float32_on_cpu_reads_matrices_column_major(model_dir, model, tokenizer, tmp_path):
+def test_float32_on_cpu_reads_matrices_column_major(model_dir, model, tokenizer, tmp_path,
+                                                    monkeypatch):
     """The layout MKL multiplies fastest, chosen at load time: same values, same logits, and
     saved again, the same file."""
+    monkeypatch.setitem(kernels._choosers, "float32", kernels.Chooser(None))  # nothing packed
     loaded = checkpoint.load(str(model_dir), "cpu").model
     for name in ("embed.weight", "decoder.0.cross_attn.q_proj.weight", "encoder.1.ffn.fc2.weight"):
         weight = loaded.get_parameter(name)
@@ -325,6 +327,62 @@ def test_kernels_are_tried_on_real_calls_and_the_fastest_kept(tmp_path, two_kern
     assert chooser.table == {"300x64@1": "fast", "300x64@4": "fast"}  # 3 rows share 4's bucket
     assert set(chooser.trials) == {"300x64@64"}  # one call so far
     assert kernels.Chooser(path, names=two_kernels).table == chooser.table
+
+
+needs_packing = pytest.mark.skipif(not kernels.PACKABLE, reason="torch has no oneDNN here")
+
+
+@needs_packing
+def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypatch):
+    """Once its kernel is chosen, a layer alternates between its plain weight and a packed
+    copy, computing the layer all along; its pairs of calls decide the shape's layout, and
+    every layer of the shape follows: packed (the plain weight freed) or plain (the copy
+    freed)."""
+    for ratio, layout in ((0.5, "packed"), (1.05, "packed"), (1.5, "plain")):
+        chooser = kernels.Chooser(tmp_path / f"{layout}{ratio}.json", forced=None)
+        chooser.table["200x48@4"] = "mkl"  # the kernel chosen: the layout trial may start
+        monkeypatch.setitem(kernels._choosers, "float32", chooser)
+        monkeypatch.setattr(kernels, "busy", lambda threads: False)
+        compared = []
+        monkeypatch.setattr(chooser, "compare_layouts", lambda shape, p, q, c=chooser:
+                            compared.append(shape) or kernels.Chooser.compare_layouts(
+                                c, shape, ratio * q, q))
+        torch.manual_seed(0)
+        linear, x = nn.Linear(48, 200), torch.randn(4, 48)
+        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(3)]
+        with torch.inference_mode():
+            while chooser.layout((200, 48)) is None:
+                for layer in layers:
+                    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+            for layer in layers:
+                torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+                assert (layer.weight is None) == (layout == "packed")
+                assert (layer.packed is None) == (layout == "plain")
+        assert len(compared) == kernels.LAYOUT_PAIRS and chooser.layout((200, 48)) == layout
+        assert kernels.Chooser(chooser.path).layout((200, 48)) == layout  # kept
+
+
+@needs_packing
+def test_a_layer_of_a_shape_kept_packed_packs_at_load_and_saves_the_same_matrix(
+        model_dir, model, tokenizer, tmp_path, monkeypatch):
+    """Packed at load (so forked workers share it), the model computes the same logits, and
+    saved again it is the same file."""
+    chooser = kernels.Chooser(None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            chooser.table[kernels.Chooser.layout_key(tuple(module.weight.shape))] = "packed"
+    monkeypatch.setitem(kernels._choosers, "float32", chooser)
+    loaded = checkpoint.load(str(model_dir), "cpu").model
+    tuned = [m for m in loaded.modules() if isinstance(m, TunedLinear)]
+    assert tuned and all(m.weight is None and m.packed is not None for m in tuned)
+    src = torch.randint(4, model.cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(src, mask, src), model(src, mask, src),
+                                   rtol=1e-4, atol=1e-4)
+    checkpoint.save(loaded, tokenizer, tmp_path)
+    weights = checkpoint.WEIGHTS
+    assert (tmp_path / weights).read_bytes() == (model_dir / weights).read_bytes()
 
 
 def test_an_unfinished_trial_goes_on_in_the_next_process(tmp_path, two_kernels):
