@@ -21,7 +21,12 @@ A choice measured while other work kept the CPUs busy (threads of other processe
 that moment) serves this process but is not kept: timings taken then say little, and a wrong
 choice would stay.
 
-TRANSLATE_KERNEL=mkl, =onednn, =split2 or =split8 forces one kernel and measures nothing.
+Which weight layout a shape's layers keep, column-major or oneDNN's own packed one (which its
+product reads faster at a few rows and more), is tried the same way on their calls once the
+shape's kernel is chosen (core.precision.TunedLinear) and kept in the same file.
+
+TRANSLATE_KERNEL=mkl, =onednn, =split2 or =split8 forces one kernel on the plain weight and
+measures nothing.
 
 int8 layers (core.precision) choose the same way between the quantized engines torch ships:
 fbgemm, fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the

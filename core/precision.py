@@ -2,7 +2,8 @@
 the loading that puts each layer into its precision as soon as it is read.
 
 float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major, and multiplies
-with the kernel measured fastest for the layer's shape and rows (core.kernels). float16 keeps
+with the kernel measured fastest for the layer's shape and rows (core.kernels), or, for the
+shapes measured faster so, in oneDNN's own packed layout. float16 keeps
 the weight matrices (and the embedding table) in half precision and computes in float32
 (fbgemm's fp16 kernels): half the weight bytes to read every decoding step. int8 keeps them as
 int8 with one scale per row and quantizes the activations on the fly (dynamic quantization):
