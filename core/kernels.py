@@ -105,6 +105,9 @@ LAYOUT_PAIRS = 16  # timed pairs of calls (packed, plain) that decide a shape's 
 # of each other at one row (2048 x 512: plain 0.183 ms, packed 0.202) while packed takes
 # 0.59-0.73 of plain's time at 4 and 32 rows
 LAYOUT_MARGIN = 1.1
+LAYOUT_LAYERS = 4  # layers of a shape and row bucket that try both layouts (each holds both
+# meanwhile: the benchmark model's 60 512 x 512 layers all at once took 270 MB more at the
+# peak); per bucket, so that layers called every step take part, not only the encoder's
 
 
 def pack(weight: Tensor) -> Tensor:
@@ -184,6 +187,7 @@ class Chooser:
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
         self.trials: dict[str, Trial] = {}
         self.ratios: dict[str, list[float]] = {}  # layout trials: packed / plain times
+        self.enlisted: dict[str, int] = {}  # layout trials: layers taking part, per bucket
         self.saves_at_exit = False
         if path is not None:
             try:
@@ -240,6 +244,13 @@ class Chooser:
             del self.trials[key]
             self.keep(key, winner)
         return out
+
+    def enlist(self, weight_shape, rows: int) -> bool:
+        """Whether one more layer of this shape called with these rows may take part in the
+        shape's layout trial."""
+        key = self.key(weight_shape, rows)
+        self.enlisted[key] = self.enlisted.get(key, 0) + 1
+        return self.enlisted[key] <= LAYOUT_LAYERS
 
     def settled(self, weight_shape, rows: int) -> bool:
         """Whether this shape and row count has its kernel (no trial running)."""

@@ -216,11 +216,12 @@ class TunedLinear(nn.Module):
     measured fastest here for its shape and rows (core.kernels), or, where measured faster for
     its shape on this CPU, moved to oneDNN's own packed layout for good. Same state dict.
 
-    The layout is tried on the model's own calls once the shape's kernel is chosen: each layer
-    of the shape then holds a packed copy beside its weight and alternates between the two,
-    and each pair of calls at the same rows goes to the chooser, which keeps the layout that
-    took less time (core.kernels.Chooser.compare_layouts); a kept "packed" packs at load, so
-    that forked workers share the packed weights."""
+    The layout is tried on the model's own calls once the shape's kernel is chosen: the first
+    few layers of the shape called with a row count (LAYOUT_LAYERS) hold a packed copy beside
+    their weight and alternate between the two, and each pair of calls at the same rows goes
+    to the chooser, which keeps a layout (core.kernels.Chooser.compare_layouts); every layer
+    of the shape follows it. A kept "packed" packs at load, so that forked workers share the
+    packed weights."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__()
@@ -231,6 +232,7 @@ class TunedLinear(nn.Module):
         self.pending: tuple[str, int, float] | None = None  # the trial's last call: layout,
         # rows, seconds
         self.calls = 0  # calls in the layout trial
+        self.trying: dict[int, bool] = {}  # row bucket: whether this layer takes part
         if kernels.PACKABLE and kernels.chooser().layout(self.shape) == "packed":
             self.packed = kernels.pack(weight)  # straight from the weight as read
             self.register_parameter("weight", None)
@@ -252,9 +254,15 @@ class TunedLinear(nn.Module):
         if layout == "packed":
             self.pack_for_good()
             return kernels.onednn(x, self.packed, self.bias)
-        if layout is None and chooser.settled(self.shape, kernels.rows(x)):
-            return self.try_layouts(x)
-        self.packed = None  # plain, or no kernel for these rows yet (its own trial first)
+        rows = kernels.rows(x)
+        if layout is None and chooser.settled(self.shape, rows):
+            bucket = kernels.bucket(rows)
+            if bucket not in self.trying:
+                self.trying[bucket] = chooser.enlist(self.shape, rows)
+            if self.trying[bucket]:
+                return self.try_layouts(x)
+        if layout == "plain":
+            self.packed = None  # the trial's copy
         return kernels.linear(x, self.weight, self.bias)  # (..., out)
 
     def try_layouts(self, x: Tensor) -> Tensor:

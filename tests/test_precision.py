@@ -349,11 +349,13 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
                                 c, shape, ratio * q, q))
         torch.manual_seed(0)
         linear, x = nn.Linear(48, 200), torch.randn(4, 48)
-        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(3)]
+        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
         with torch.inference_mode():
             while chooser.layout((200, 48)) is None:
                 for layer in layers:
                     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+                if chooser.layout((200, 48)) is None:  # a few layers try, holding both
+                    assert sum(layer.packed is not None for layer in layers) == kernels.LAYOUT_LAYERS
             for layer in layers:
                 torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 assert (layer.weight is None) == (layout == "packed")
