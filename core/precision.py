@@ -3,11 +3,11 @@ the loading that puts each layer into its precision as soon as it is read.
 
 float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major, and multiplies
 with the kernel measured fastest for the layer's shape and rows (core.kernels), or, for the
-shapes measured faster so, in oneDNN's own packed layout. float16 keeps
-the weight matrices (and the embedding table) in half precision and computes in float32
-(fbgemm's fp16 kernels): half the weight bytes to read every decoding step. int8 keeps them as
-int8 with one scale per row and quantizes the activations on the fly (dynamic quantization):
-a quarter of the bytes, and int8 dot products where the CPU has them."""
+shapes measured faster so, in oneDNN's own packed layout. float16 keeps the weight matrices
+(and the embedding table) in half precision and computes in float32 (fbgemm's fp16 kernels):
+half the weight bytes to read every decoding step. int8 keeps them as int8 with one scale per
+row and quantizes the activations on the fly (dynamic quantization): a quarter of the bytes,
+and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
@@ -242,6 +242,7 @@ class TunedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), strides (1, out)
 
     def pack_for_good(self) -> None:
+        """Keep the packed layout only (the plain weight freed)."""
         if self.packed is None:
             self.packed = kernels.pack(self.weight)
         self.weight = None
