@@ -339,7 +339,7 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
     every layer of the shape follows: packed (the plain weight freed) or plain (the copy
     freed)."""
     for ratio, layout in ((0.5, "packed"), (1.05, "packed"), (1.5, "plain")):
-        chooser = kernels.Chooser(tmp_path / f"{layout}{ratio}.json", forced=None)
+        chooser = kernels.Chooser(tmp_path / f"{layout}{ratio}.json")
         chooser.table["200x48@4"] = "mkl"  # the kernel chosen: the layout trial may start
         monkeypatch.setitem(kernels._choosers, "float32", chooser)
         monkeypatch.setattr(kernels, "busy", lambda threads: False)
@@ -355,7 +355,8 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
                 for layer in layers:
                     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 if chooser.layout((200, 48)) is None:  # a few layers try, holding both
-                    assert sum(layer.packed is not None for layer in layers) == kernels.LAYOUT_LAYERS
+                    holding = sum(layer.packed is not None for layer in layers)
+                    assert holding == kernels.LAYOUT_LAYERS
             for layer in layers:
                 torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 assert (layer.weight is None) == (layout == "packed")
