@@ -62,6 +62,12 @@ def onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def pack(weight: Tensor) -> Tensor:
+    """`weight` (out, in) in oneDNN's layout for its product (onednn() takes it), a copy; its
+    to_dense() gives the matrix back."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
 def split(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int) -> Tensor:
     """x W^T + b as one batched product over `blocks` blocks of W's rows, views of the weight
     whatever its layout: batch entries go to threads whole, where a product with a decoding
@@ -108,12 +114,6 @@ LAYOUT_MARGIN = 1.1
 LAYOUT_LAYERS = 4  # layers of a shape and row bucket that try both layouts (each holds both
 # meanwhile: the benchmark model's 60 512 x 512 layers all at once took 270 MB more at the
 # peak); per bucket, so that layers called every step take part, not only the encoder's
-
-
-def pack(weight: Tensor) -> Tensor:
-    """`weight` (out, in) in oneDNN's layout for its product (onednn() takes it), a copy; its
-    to_dense() gives the matrix back."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
                      if e in torch.backends.quantized.supported_engines)
 TIMED_CALLS = 3  # per kernel, after one untimed call
@@ -254,7 +254,7 @@ class Chooser:
 
     def settled(self, weight_shape, rows: int) -> bool:
         """Whether this shape and row count has its kernel (no trial running)."""
-        return bool(self.forced) or self.key(weight_shape, rows) in self.table
+        return self.key(weight_shape, rows) in self.table
 
     def layout(self, weight_shape) -> str | None:
         """"packed" or "plain" where decided for layers of this shape, else None. A forced
