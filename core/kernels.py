@@ -224,20 +224,23 @@ class Chooser:
         else:
             self.save()
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+               by_name: dict[str, Kernel] | None = None) -> Tensor:
         """x W^T + b with the kernel chosen for this shape and row count, or, until there is
-        one, the next kernel on trial, timed."""
+        one, the next kernel on trial, timed; the kernels by name from `by_name` (one for each
+        of the chooser's names), else KERNELS."""
+        by_name = KERNELS if by_name is None else by_name
         key = self.key(weight.shape, rows(x))
         name = self.forced or self.table.get(key)
         if name is not None:
-            return KERNELS[name](x, weight, bias)
+            return by_name[name](x, weight, bias)
         trial = self.trials.get(key)
         if trial is None:
             trial = self.trials[key] = Trial(self.names)
         self.save_trials_at_exit()
         name = trial.next()
         start = time.perf_counter()
-        out = KERNELS[name](x, weight, bias)
+        out = by_name[name](x, weight, bias)
         trial.record(name, time.perf_counter() - start)
         winner = trial.winner()
         if winner is not None:
@@ -305,8 +308,11 @@ class Chooser:
             pass
 
 
-# per family: the choices' names, the variable that forces one, the cache file's suffix
+# per family: the choices' names, the variable that forces one, the cache file's suffix;
+# "output" is the tied output layer's, which may also read a packed copy of its matrix
+# (core.precision.TiedOutput)
 FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", ""),
+            "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output"),
             "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8")}
 _choosers: dict[str, Chooser] = {}
 

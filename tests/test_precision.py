@@ -388,6 +388,55 @@ def test_a_layer_of_a_shape_kept_packed_packs_at_load_and_saves_the_same_matrix(
     assert (tmp_path / weights).read_bytes() == (model_dir / weights).read_bytes()
 
 
+def tied_output(model, monkeypatch, chooser):
+    """`model` loaded for float32 on the CPU with `chooser` for its tied output layer, which
+    packs its matrix in blocks of 7 rows (the last one short)."""
+    monkeypatch.setitem(kernels._choosers, "output", chooser)
+    monkeypatch.setattr(precision.TiedOutput, "BLOCK", 7)
+    loaded = precision.apply(copy.deepcopy(model), "float32", torch.device("cpu"))
+    assert isinstance(loaded.tied_linear, precision.TiedOutput)
+    return loaded, loaded.tied_linear
+
+
+@needs_packing
+def test_the_tied_output_layer_packs_its_matrix_only_for_row_counts_that_choose_it(
+        model, monkeypatch):
+    """The packed copy comes at the first call whose row count chose it and stays; until
+    then only the embedding matrix is held; the logits are the same either way."""
+    shape = tuple(model.embed.weight.shape)
+    chooser = kernels.Chooser(None, names=kernels.FAMILIES["output"][0])
+    chooser.table.update({kernels.Chooser.key(shape, 1): "onednn",
+                          kernels.Chooser.key(shape, 4): "packed"})
+    loaded, tied = tied_output(model, monkeypatch, chooser)
+    assert model.cfg.vocab_size % 7 and model.embed.weight.dtype == torch.float32
+    with torch.inference_mode():
+        for rows, packed in ((1, False), (4, True), (1, True)):
+            x = torch.randn(rows, model.cfg.d_model)
+            torch.testing.assert_close(loaded.project(x), model.project(x), rtol=1e-5, atol=1e-5)
+            assert (tied.blocks is not None) == packed
+    assert len(tied.blocks) == -(-model.cfg.vocab_size // 7)
+
+
+@needs_packing
+def test_a_trial_that_rejects_the_packed_copy_frees_it(model, monkeypatch):
+    """On trial, the packed copy is made and timed beside the plain matrix's kernel; when the
+    plain one wins, the copy goes."""
+    monkeypatch.setattr(kernels, "TRIAL_SECONDS", 0.0)
+    monkeypatch.setattr(kernels, "busy", lambda threads: False)
+    chooser = kernels.Chooser(None, names=("mkl", "packed"))
+    loaded, tied = tied_output(model, monkeypatch, chooser)
+    packed = tied.kernels["packed"]
+    monkeypatch.setitem(tied.kernels, "packed", lambda *args: time.sleep(0.002) or packed(*args))
+    held = []
+    with torch.inference_mode():
+        while not chooser.table:
+            x = torch.randn(3, model.cfg.d_model)
+            torch.testing.assert_close(loaded.project(x), model.project(x), rtol=1e-5, atol=1e-5)
+            held.append(tied.blocks is not None)
+    assert any(held) and tied.blocks is None
+    assert chooser.table == {kernels.Chooser.key(tuple(model.embed.weight.shape), 3): "mkl"}
+
+
 def test_an_unfinished_trial_goes_on_in_the_next_process(tmp_path, two_kernels):
     """A one-sentence run is too short to finish a trial: what it timed is kept for the
     next, whose own first call of each kernel is again untimed (set-up)."""
