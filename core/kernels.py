@@ -25,6 +25,11 @@ Which weight layout a shape's layers keep, column-major or oneDNN's own packed o
 product reads faster at a few rows and more), is tried the same way on their calls once the
 shape's kernel is chosen (core.precision.TunedLinear) and kept in the same file.
 
+The tied output layer (core.precision.TiedOutput) chooses the same way per row count, in a
+family and file of its own (`*-output.json`), among the kernels and one more, "packed": its
+matrix is the embedding table too and stays plain, so its packed copy is held beside it, and
+is chosen only where PACKED_WIN times faster.
+
 TRANSLATE_KERNEL=mkl, =onednn, =split2 or =split8 forces one kernel on the plain weight and
 measures nothing.
 
@@ -167,12 +172,14 @@ class Trial:
             self.seconds[name].append(seconds)
         self.warm.add(name)
 
-    def winner(self) -> str | None:
-        """The kernel with the least median time, once every kernel has been timed enough."""
+    def winner(self, handicap: dict[str, float] = {}) -> str | None:
+        """The kernel with the least median time (multiplied by its handicap: what it must win
+        by), once every kernel has been timed enough."""
         if any(len(s) < TIMED_CALLS or (sum(s) < TRIAL_SECONDS and len(s) < TRIAL_CALLS)
                for s in self.seconds.values()):
             return None
-        return min(self.seconds, key=lambda name: statistics.median(self.seconds[name]))
+        return min(self.seconds, key=lambda name: statistics.median(self.seconds[name])
+                   * handicap.get(name, 1.0))
 
 
 class Chooser:
@@ -180,8 +187,8 @@ class Chooser:
     the timings of unfinished trials."""
 
     def __init__(self, path: Path | None, forced: str | None = None,
-                 names: tuple[str, ...] = tuple(KERNELS)):
-        self.path, self.forced, self.names = path, forced, names
+                 names: tuple[str, ...] = tuple(KERNELS), handicap: dict[str, float] = {}):
+        self.path, self.forced, self.names, self.handicap = path, forced, names, handicap
         self.threads = torch.get_num_threads()  # the choices hold for this many threads
         self.table: dict[str, str] = {}
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
@@ -242,7 +249,7 @@ class Chooser:
         start = time.perf_counter()
         out = by_name[name](x, weight, bias)
         trial.record(name, time.perf_counter() - start)
-        winner = trial.winner()
+        winner = trial.winner(self.handicap)
         if winner is not None:
             del self.trials[key]
             self.keep(key, winner)
@@ -308,18 +315,23 @@ class Chooser:
             pass
 
 
-# per family: the choices' names, the variable that forces one, the cache file's suffix;
-# "output" is the tied output layer's, which may also read a packed copy of its matrix
-# (core.precision.TiedOutput)
-FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", ""),
-            "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output"),
-            "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8")}
+# the tied output layer's packed copy of its matrix (core.precision.TiedOutput) must be this
+# much faster to be chosen: it holds the matrix a second time (119 MB for 58k x 512), and its
+# blocks' copy into the logits costs beyond its own call (Zen 4 EPYC, 2 threads: chosen at
+# 128 rows by timings 5-10% faster, beam search over 32 sentences ran 3.5% slower)
+PACKED_WIN = 1.15
+# per family: the choices' names, the variable that forces one, the cache file's suffix, the
+# handicaps; "output" is the tied output layer's, which may also read its packed copy
+FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", "", {}),
+            "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output",
+                       {"packed": PACKED_WIN}),
+            "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8", {})}
 _choosers: dict[str, Chooser] = {}
 
 
 def chooser(family: str = "float32") -> Chooser:
     """The process's Chooser for `family`, made on first use for the current thread count."""
-    names, variable, suffix = FAMILIES[family]
+    names, variable, suffix, handicap = FAMILIES[family]
     threads = torch.get_num_threads()
     found = _choosers.get(family)
     if found is None or found.threads != threads:
@@ -330,7 +342,7 @@ def chooser(family: str = "float32") -> Chooser:
             raise UsageError(f"{variable}={forced}: choose from {', '.join(names)}")
         slug = re.sub(r"[^\w.-]+", "_", cpu_name()).strip("_")[:80]
         path = cache_root() / "kernels" / f"{slug}-torch{torch.__version__}-t{threads}{suffix}.json"
-        found = _choosers[family] = Chooser(path, forced, names)
+        found = _choosers[family] = Chooser(path, forced, names, handicap)
     return found
 
 

@@ -3,7 +3,8 @@ the loading that puts each layer into its precision as soon as it is read.
 
 float32 on the CPU keeps every weight matrix column-major, i.e. W^T row-major, and multiplies
 with the kernel measured fastest for the layer's shape and rows (core.kernels), or, for the
-shapes measured faster so, in oneDNN's own packed layout. float16 keeps the weight matrices
+shapes measured faster so, in oneDNN's own packed layout (the tied output layer: a packed copy
+beside its matrix, for the row counts measured faster so). float16 keeps the weight matrices
 (and the embedding table) in half precision and computes in float32 (fbgemm's fp16 kernels):
 half the weight bytes to read every decoding step. int8 keeps them as int8 with one scale per
 row and quantizes the activations on the fly (dynamic quantization): a quarter of the bytes,
@@ -292,9 +293,9 @@ class TiedOutput:
     """The tied output layer's product for float32 on a CPU: x E^T + b over the embedding
     matrix E (column-major; the lookups read it too), with the kernel measured fastest for
     the row count, as a TunedLinear's (core.kernels, family "output"), where one more takes
-    part: oneDNN's product over a packed copy of E. That copy is read faster from a few rows
-    on (Zen 4 EPYC, 2 threads, a 58k x 512 matrix, ms: 4.8 against the plain matrix's best 6.6
-    at 4 rows, 10.8 against 14.4 at 32; at one row 4.9 against 3.3), but it cannot replace E,
+    part: oneDNN's product over a packed copy of E, chosen where kernels.PACKED_WIN times
+    faster (Zen 4 EPYC, 2 threads, a 58k x 512 matrix, ms: 4.8 against the plain matrix's best
+    6.6 at 4 rows, 10.8 against 14.4 at 32; at one row 4.9 against 3.3). It cannot replace E,
     so it is made at the first call that asks for it and held beside E from then on (119 MB
     for that matrix): runs whose row counts never choose it (greedy, one sentence) never hold
     it, and a trial that rejects it frees it. It is packed in blocks of BLOCK rows, each from

@@ -437,6 +437,16 @@ def test_a_trial_that_rejects_the_packed_copy_frees_it(model, monkeypatch):
     assert chooser.table == {kernels.Chooser.key(tuple(model.embed.weight.shape), 3): "mkl"}
 
 
+def test_a_handicapped_kernel_must_win_by_its_handicap():
+    """The tied output layer's packed copy costs memory: it is chosen only when faster by
+    more than its handicap."""
+    trial = kernels.Trial(("plain", "packed"), {"plain": [0.010] * 5, "packed": [0.009] * 5})
+    assert trial.winner() == "packed"
+    assert trial.winner({"packed": 1.15}) == "plain"
+    trial.seconds["packed"] = [0.008] * 5
+    assert trial.winner({"packed": 1.15}) == "packed"
+
+
 def test_an_unfinished_trial_goes_on_in_the_next_process(tmp_path, two_kernels):
     """A one-sentence run is too short to finish a trial: what it timed is kept for the
     next, whose own first call of each kernel is again untimed (set-up)."""
