@@ -146,6 +146,9 @@ def load_ours(mode: str, beam: int, single: bool = False) -> Runner:
     # runner in this module's global, which a closure cannot be pickled into)
     global _RUN
     _RUN = run
+    from core.precision import before_fork
+
+    before_fork(ckpt.model, threads=1)
     pool = multiprocessing.get_context("fork").Pool(2, initializer=torch.set_num_threads,
                                                     initargs=(1,))
 

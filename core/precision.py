@@ -317,7 +317,8 @@ class TiedOutput:
             give_back_memory()
         return out
 
-    def packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def pack(self, weight: Tensor) -> None:
+        """Make the packed copy of `weight` (E), unless it is there."""
         if self.blocks is None:
             self.blocks, rows = [], weight.new_empty(self.BLOCK, weight.size(1))  # (BLOCK, D)
             for i in range(0, weight.size(0), self.BLOCK):  # each block packed from `rows`
@@ -325,6 +326,23 @@ class TiedOutput:
                 self.blocks.append(kernels.pack(block))
             del rows, block
             give_back_memory()
+
+    def before_fork(self, weight: Tensor, threads: int) -> None:
+        """Make the packed copy now if processes of `threads` threads chose it for some row
+        count, so that workers forked next share it rather than each making their own."""
+        with torch.inference_mode():
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                chosen = kernels.chooser("output").table
+            finally:
+                torch.set_num_threads(saved)
+            shape = "{}x{}@".format(*weight.shape)
+            if any(k.startswith(shape) and v == "packed" for k, v in chosen.items()):
+                self.pack(weight)
+
+    def packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        self.pack(weight)
         out = x.new_empty(*x.shape[:-1], weight.size(0))  # (..., V)
         for i, block in enumerate(self.blocks):
             span = slice(i * self.BLOCK, (i + 1) * self.BLOCK)
@@ -414,6 +432,13 @@ def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.dev
     if dtype == "bfloat16":
         model.to(torch.bfloat16)  # what no file holds: the sinusoid table
     return model
+
+
+def before_fork(model: nn.Module, threads: int) -> None:
+    """Ready `model` for worker processes of `threads` threads forked next: what each would
+    make for itself on its first calls is made now, once, and shared."""
+    if isinstance(getattr(model, "tied_linear", None), TiedOutput):
+        model.tied_linear.before_fork(model.embed.weight, threads)
 
 
 def give_back_memory() -> None:

@@ -48,6 +48,10 @@ class Workers:
         self.processes: list = []
 
     def __enter__(self) -> Workers:
+        from core.precision import before_fork
+
+        for translator in self.router.loaded.values():
+            before_fork(translator.model, threads=1)
         context = multiprocessing.get_context("fork")
         self.tasks, self.results = context.Queue(), context.Queue()
         for _ in range(self.n):

@@ -437,6 +437,22 @@ def test_a_trial_that_rejects_the_packed_copy_frees_it(model, monkeypatch):
     assert chooser.table == {kernels.Chooser.key(tuple(model.embed.weight.shape), 3): "mkl"}
 
 
+@needs_packing
+def test_the_packed_copy_one_thread_workers_chose_is_made_before_they_fork(model, monkeypatch):
+    """Made in the parent, the copy is shared by the forked workers instead of each making
+    its own; where one-thread processes did not choose it, nothing is made."""
+    shape = tuple(model.embed.weight.shape)
+    for choice, made in (("onednn", False), ("packed", True)):
+        chooser = kernels.Chooser(None, names=kernels.FAMILIES["output"][0])
+        chooser.threads = 1  # what processes of one thread chose
+        chooser.table[kernels.Chooser.key(shape, 32)] = choice
+        loaded, tied = tied_output(model, monkeypatch, chooser)
+        threads = torch.get_num_threads()
+        precision.before_fork(loaded, threads=1)
+        assert (tied.blocks is not None) == made
+        assert torch.get_num_threads() == threads
+
+
 def test_a_handicapped_kernel_must_win_by_its_handicap():
     """The tied output layer's packed copy costs memory: it is chosen only when faster by
     more than its handicap."""
