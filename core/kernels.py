@@ -255,6 +255,11 @@ class Chooser:
             self.keep(key, winner)
         return out
 
+    def chosen_anywhere(self, weight_shape, name: str) -> bool:
+        """Whether `name` is the kernel kept for this shape at some row count."""
+        return any(self.table.get(self.key(weight_shape, 1 << b)) == name
+                   for b in range(9))  # every bucket(): 1 to 256 rows
+
     def enlist(self, weight_shape, rows: int) -> bool:
         """Whether one more layer of this shape called with these rows may take part in the
         shape's layout trial."""

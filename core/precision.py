@@ -298,8 +298,9 @@ class TiedOutput:
     6.6 at 4 rows, 10.8 against 14.4 at 32; at one row 4.9 against 3.3). It cannot replace E,
     so it is made at the first call that asks for it and held beside E from then on (119 MB
     for that matrix): runs whose row counts never choose it (greedy, one sentence) never hold
-    it, and a trial that rejects it frees it. It is packed in blocks of BLOCK rows, each from
-    a copy of its own rows, so that making it never holds a third copy of E."""
+    it, and a trial that rejects it frees it. It is packed in blocks of BLOCK rows, each
+    copied first into one buffer (oneDNN packs a row-major matrix; E whole would be copied),
+    so that making it never holds a third copy of E."""
 
     BLOCK = 8192
 
@@ -330,16 +331,14 @@ class TiedOutput:
     def before_fork(self, weight: Tensor, threads: int) -> None:
         """Make the packed copy now if processes of `threads` threads chose it for some row
         count, so that workers forked next share it rather than each making their own."""
-        with torch.inference_mode():
-            saved = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                chosen = kernels.chooser("output").table
-            finally:
-                torch.set_num_threads(saved)
-            shape = "{}x{}@".format(*weight.shape)
-            if any(k.startswith(shape) and v == "packed" for k, v in chosen.items()):
-                self.pack(weight)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)  # the chooser of processes of that many threads
+        try:
+            chooser = kernels.chooser("output")
+        finally:
+            torch.set_num_threads(saved)
+        if chooser.chosen_anywhere(weight.shape, "packed"):
+            self.pack(weight)
 
     def packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         self.pack(weight)
