@@ -187,9 +187,11 @@ class Chooser:
     the timings of unfinished trials."""
 
     def __init__(self, path: Path | None, forced: str | None = None,
-                 names: tuple[str, ...] = tuple(KERNELS), handicap: dict[str, float] = {}):
+                 names: tuple[str, ...] = tuple(KERNELS), handicap: dict[str, float] = {},
+                 threads: int | None = None):
         self.path, self.forced, self.names, self.handicap = path, forced, names, handicap
-        self.threads = torch.get_num_threads()  # the choices hold for this many threads
+        # the choices hold for this many threads (this process's, unless told)
+        self.threads = torch.get_num_threads() if threads is None else threads
         self.table: dict[str, str] = {}
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
         self.trials: dict[str, Trial] = {}
@@ -334,10 +336,13 @@ FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", "", {}),
 _choosers: dict[str, Chooser] = {}
 
 
-def chooser(family: str = "float32") -> Chooser:
-    """The process's Chooser for `family`, made on first use for the current thread count."""
+def chooser(family: str = "float32", threads: int | None = None) -> Chooser:
+    """The process's Chooser for `family`, made on first use for the current thread count;
+    with `threads`, the choices of processes of that many threads (read from their file, and
+    kept as the process's only if that is its own count)."""
     names, variable, suffix, handicap = FAMILIES[family]
-    threads = torch.get_num_threads()
+    own = torch.get_num_threads()
+    threads = own if threads is None else threads
     found = _choosers.get(family)
     if found is None or found.threads != threads:
         forced = os.environ.get(variable) or None
@@ -347,7 +352,9 @@ def chooser(family: str = "float32") -> Chooser:
             raise UsageError(f"{variable}={forced}: choose from {', '.join(names)}")
         slug = re.sub(r"[^\w.-]+", "_", cpu_name()).strip("_")[:80]
         path = cache_root() / "kernels" / f"{slug}-torch{torch.__version__}-t{threads}{suffix}.json"
-        found = _choosers[family] = Chooser(path, forced, names, handicap)
+        found = Chooser(path, forced, names, handicap, threads)
+        if threads == own:
+            _choosers[family] = found
     return found
 
 

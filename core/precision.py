@@ -331,13 +331,7 @@ class TiedOutput:
     def before_fork(self, weight: Tensor, threads: int) -> None:
         """Make the packed copy now if processes of `threads` threads chose it for some row
         count, so that workers forked next share it rather than each making their own."""
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)  # the chooser of processes of that many threads
-        try:
-            chooser = kernels.chooser("output")
-        finally:
-            torch.set_num_threads(saved)
-        if chooser.chosen_anywhere(weight.shape, "packed"):
+        if kernels.chooser("output", threads).chosen_anywhere(weight.shape, "packed"):
             self.pack(weight)
 
     def packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

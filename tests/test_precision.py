@@ -453,6 +453,17 @@ def test_the_packed_copy_one_thread_workers_chose_is_made_before_they_fork(model
         assert torch.get_num_threads() == threads
 
 
+def test_another_thread_counts_choices_leave_this_process_chooser_alone(monkeypatch):
+    """Reading what workers of another thread count chose (before forking them) does not
+    replace this process's chooser, with its trials and unsaved choices."""
+    own = kernels.Chooser(None, names=kernels.FAMILIES["output"][0])
+    own.table["9x9@1"] = "mkl"
+    monkeypatch.setitem(kernels._choosers, "output", own)
+    other = kernels.chooser("output", own.threads + 1)
+    assert other.threads == own.threads + 1 and "9x9@1" not in other.table
+    assert kernels.chooser("output") is own
+
+
 def test_a_handicapped_kernel_must_win_by_its_handicap():
     """The tied output layer's packed copy costs memory: it is chosen only when faster by
     more than its handicap."""
