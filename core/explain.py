@@ -82,8 +82,7 @@ def attention_weights(model, tgt_in: Tensor, memory: Tensor, src_mask: Tensor,
     caught = {}
 
     def hook(module, args):
-        x, k, _, mask = args
-        q = module.split(module.q_proj(x))  # (1, H, T, Dh)
+        q, k, _, mask = args  # (1, H, T, Dh), (1, H, S, Dh)
         caught["weights"] = attention_probs(q.float(), k.float(), mask).mean(1)[0]  # (T, S)
 
     handle = attn.register_forward_pre_hook(hook)

@@ -110,8 +110,8 @@ def few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
 
 
 class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention over H heads; keys/values are projected separately so a
-    cache can keep them."""
+    """Scaled dot-product attention over H heads; queries, keys and values are projected
+    apart from attending, so a cache can keep keys and values."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -121,16 +121,32 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.attention_dropout
+        # q_proj, k_proj and v_proj as one product (3D, D), where inference fused them
+        # (core.precision): self-attention's q, k and v then come from it
+        self.qkv: nn.Module | None = None
 
     def split(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
 
+    def project_q(self, x: Tensor) -> Tensor:
+        return self.split(self.q_proj(x))  # (B, H, T, Dh)
+
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))  # 2 x (B, H, L, Dh)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        q = self.split(self.q_proj(x))  # (B, H, T, Dh)
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's queries, keys and values, all of x: 3 x (B, H, T, Dh)."""
+        if self.qkv is None:
+            return self.project_q(x), *self.project_kv(x)
+        q, k, v = self.qkv(x).chunk(3, -1)  # 3 x (B, T, D), views
+        # q laid out as q_proj's own output: a decoding step's (N, H, 1, Dh) is then
+        # contiguous, which its attention's batched products read faster (128 rows of 8
+        # heads: 0.11 ms against 0.20 for q @ k^T, where copying q takes 0.01)
+        return self.split(q.contiguous()), self.split(k), self.split(v)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Attend with projected queries (B, H, T, Dh) over keys and values (B, H, L, Dh)."""
         if self.training or q.device.type != "cpu" or q.size(2) > FEW_QUERIES:
             p = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -179,7 +195,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         def attend(h: Tensor) -> Tensor:
-            return self.self_attn(h, *self.self_attn.project_kv(h), mask)
+            return self.self_attn(*self.self_attn.project_qkv(h), mask)
 
         x = self.add_norm1(x, attend)
         return self.add_norm2(x, self.ffn)  # (B, S, D)
@@ -197,17 +213,18 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, self_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor],
                 cross_mask: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         def attend_self(h: Tensor) -> Tensor:
-            k, v = self.self_attn.project_kv(h)  # (N, H, T, Dh)
+            q, k, v = self.self_attn.project_qkv(h)  # (N, H, T, Dh)
             if cache is not None:
                 k, v = cache.append(layer, k, v)  # (N, H, t+1, Dh)
-            return self.self_attn(h, k, v, self_mask)
+            return self.self_attn(q, k, v, self_mask)
 
         def attend_source(h: Tensor) -> Tensor:
             # the `group` rows of a sentence (its beams) become query positions of one row, so
             # they all read the sentence's single copy of the cross-attention K/V
             N, T, D = h.shape
             group = cache.group if cache is not None else 1
-            out = self.cross_attn(h.reshape(N // group, group * T, D), *cross_kv, cross_mask)
+            q = self.cross_attn.project_q(h.reshape(N // group, group * T, D))
+            out = self.cross_attn(q, *cross_kv, cross_mask)  # (N / group, group * T, D)
             return out.view(N, T, D)
 
         x = self.add_norm1(x, attend_self)

@@ -58,6 +58,29 @@ def test_float32_on_cpu_reads_matrices_column_major(model_dir, model, tokenizer,
     assert (tmp_path / weights).read_bytes() == (model_dir / weights).read_bytes()
 
 
+def test_float32_on_cpu_projects_self_attention_in_one_product_saved_as_three(model_dir, model):
+    """Each self-attention's q, k and v come from one product; cached decoding with it gives
+    the unfused model's logits, and its state dict is the checkpoint's, name for name."""
+    loaded = checkpoint.load(str(model_dir), "cpu").model
+    for layer in [*loaded.encoder, *loaded.decoder]:
+        assert isinstance(layer.self_attn.qkv, precision.FusedProjection)
+        assert layer.self_attn.q_proj is None
+    assert loaded.decoder[0].cross_attn.qkv is None  # its keys and values are the source's
+    state = loaded.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randint(4, model.cfg.vocab_size, (2, 2, 7), generator=gen)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    with torch.inference_mode():
+        full = model(src, mask, tgt)  # (B, T, V)
+        cache = loaded.new_cache(loaded.encode(src, mask), mask)
+        for t in range(tgt.size(1)):
+            logits, cache = loaded.decode_step(tgt[:, t], cache)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
 def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     model = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
@@ -371,7 +394,8 @@ def test_a_layer_of_a_shape_kept_packed_packs_at_load_and_saves_the_same_matrix(
     """Packed at load (so forked workers share it), the model computes the same logits, and
     saved again it is the same file."""
     chooser = kernels.Chooser(None)
-    for name, module in model.named_modules():
+    d = model.cfg.d_model
+    for name, module in [*model.named_modules(), ("qkv", nn.Linear(d, 3 * d))]:
         if isinstance(module, nn.Linear):
             chooser.table[kernels.Chooser.layout_key(tuple(module.weight.shape))] = "packed"
     monkeypatch.setitem(kernels._choosers, "float32", chooser)
