@@ -52,6 +52,17 @@ def test_padded_batch_equals_each_sentence_alone(overrides):
         torch.testing.assert_close(together[i: i + 1, :t], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_the_encoder_computes_only_real_tokens():
+    """Its products see the real tokens' rows, not the padding, which comes out as zeros."""
+    model = tiny_model(V).eval()
+    src, mask = batch([3, 8, 5], seed=4)
+    rows = []
+    model.encoder[0].ffn.fc1.register_forward_hook(lambda m, args, out: rows.append(args[0].shape))
+    memory = model.encode(src, mask)
+    assert rows == [(3 + 8 + 5, model.cfg.d_model)]
+    assert memory[~mask].abs().sum() == 0 and memory[mask].abs().sum() > 0
+
+
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_cached_decoding_equals_recomputing_the_prefix(overrides):
     """decode_step with the KV cache gives the logits of a full teacher-forced pass."""
