@@ -129,7 +129,7 @@ class Padding:
     def unpack(self, x: Tensor) -> Tensor:
         """(R, E) -> (B, S, E), zeros at the padding."""
         if self.index is not None:
-            x = x.new_zeros(self.shape.numel(), x.size(-1)).index_copy(0, self.index, x)
+            x = x.new_zeros(self.shape.numel(), x.size(-1)).index_copy_(0, self.index, x)
         return x.view(*self.shape, x.size(-1))  # (B, S, E)
 
 
