@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,16 +22,21 @@ class KVCache:
 
     Rows are hypotheses, `group` consecutive rows per sentence: 1 for greedy and sampling,
     the beam size for beam search. A sentence's rows all read its one copy of the cross K/V, so
-    beams never copy it. `reorder()` is the only way rows change."""
+    beams never copy it. `reorder()` is the only way rows change.
+
+    Folded (`cross_bias` set; core.model.MultiHeadAttention.fold), the cross K/V are the keys
+    carried through the query projection and the values through the output projection, and
+    `cross_bias` holds the scores the query bias adds, -inf at the padding."""
 
     self_k: list[Tensor]  # per layer (N, H, capacity, Dh); positions from `length` on unused
     self_v: list[Tensor]  # per layer (N, H, capacity, Dh)
-    cross_k: list[Tensor]  # per layer (n, H, S, Dh), n = N / group sentences
-    cross_v: list[Tensor]  # per layer (n, H, S, Dh)
+    cross_k: list[Tensor]  # per layer (n, H, S, Dh), n = N / group sentences; folded (n, H*S, D)
+    cross_v: list[Tensor]  # per layer (n, H, S, Dh); folded (n, H*S, D)
     memory_mask: Tensor  # (n, 1, 1, S) True where the source token is real
     group: int = 1  # decoder rows per sentence
     length: int = 0  # target positions decoded so far
     spare: Tensor | None = None  # a freed buffer that the next reorder() copies into
+    cross_bias: list[Tensor] | None = None  # folded: per layer (n, 1, H*S)
 
     def reorder(self, rows: Tensor) -> KVCache:
         """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache.
@@ -47,12 +52,11 @@ class KVCache:
         self_k, self_v = self.take_rows(self.self_k, rows), self.take_rows(self.self_v, rows)
         sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
         if is_identity(sentences, n):
-            return KVCache(self_k, self_v, self.cross_k, self.cross_v, self.memory_mask,
-                           self.group, self.length, self.spare)
-        pick = lambda ts: [t.index_select(0, sentences) for t in ts]  # noqa: E731
-        return KVCache(self_k, self_v, pick(self.cross_k), pick(self.cross_v),
-                       self.memory_mask.index_select(0, sentences), self.group, self.length,
-                       self.spare)
+            return replace(self, self_k=self_k, self_v=self_v)
+        pick = lambda ts: None if ts is None else [t.index_select(0, sentences) for t in ts]  # noqa: E731
+        return replace(self, self_k=self_k, self_v=self_v, cross_k=pick(self.cross_k),
+                       cross_v=pick(self.cross_v), cross_bias=pick(self.cross_bias),
+                       memory_mask=self.memory_mask.index_select(0, sentences))
 
     def take_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
         """Buffers holding `rows` of the old ones (`buffers` empties); only the written

@@ -465,6 +465,9 @@ def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.dev
         model.to(torch.bfloat16)  # what no file holds: the sinusoid table
     if tuned(dtype, device):
         fuse(model)
+        # a decoding step's products read memory: one sentence's cross-attention K/V folded
+        # through the projections take fewer bytes than the projections' weights
+        model.fold_source = True
     return model
 
 

@@ -150,6 +150,54 @@ def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
     assert shared.cross_k[0].size(0) == 2 and copies.cross_k[0].size(0) == 4
 
 
+@pytest.mark.parametrize("overrides, biases", [(VARIANTS[0], True), (VARIANTS[1], True),
+                                               (VARIANTS[2], False)])
+def test_folded_cross_attention_equals_the_plain_one(overrides, biases):
+    """Cross-attention K/V folded through the query and output projections give the logits
+    of the plain ones, over padded sources, beams swapping and a sentence leaving."""
+    model = tiny_model(V, **overrides)
+    for layer in model.decoder:  # biases start at zero: give them values, or take them away
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear = getattr(layer.cross_attn, proj)
+            if biases:
+                torch.nn.init.normal_(linear.bias, std=0.5)
+            else:
+                linear.bias = None
+    src, mask = batch([5, 7, 3], seed=7)
+    memory = model.encode(src, mask)
+    folded = model.new_cache(memory, mask, group=2, fold=True)
+    plain = model.new_cache(memory, mask, group=2, fold=False)
+    assert folded.cross_bias is not None and plain.cross_bias is None
+    g = torch.Generator().manual_seed(8)
+    for t in range(6):
+        rows = torch.arange(folded.self_k[0].size(0))
+        if t == 3:  # the middle sentence leaves
+            rows = torch.tensor([0, 1, 4, 5])
+        elif t % 2:  # beams swap
+            rows = rows.view(-1, 2).flip(1).reshape(-1)
+        folded, plain = folded.reorder(rows), plain.reorder(rows)
+        tokens = torch.randint(4, V, (rows.numel(),), generator=g)
+        a, folded = model.decode_step(tokens, folded)
+        b, plain = model.decode_step(tokens, plain)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert folded.cross_k[0].size(0) == 2
+
+
+def test_a_short_sentence_decoded_greedily_folds_where_the_model_says():
+    """new_cache folds by itself only where `fold_source` is set, for one row per sentence
+    and K/V of at most half the two projections' bytes (B H S <= D / 2)."""
+    model = tiny_model(V)  # D 32, 4 heads: up to 4 source tokens for one sentence
+
+    def folds(lengths, group=1):
+        src, mask = batch(lengths)
+        return model.new_cache(model.encode(src, mask), mask, group=group).cross_bias is not None
+
+    assert not folds([4])
+    model.fold_source = True
+    assert folds([4]) and folds([2, 2])
+    assert not folds([5]) and not folds([3, 3]) and not folds([4], group=2)
+
+
 @pytest.mark.parametrize("queries, keys", [(1, 1), (1, 13), (4, 30), (16, 16)])
 def test_few_query_attention_equals_the_fused_kernel(queries, keys):
     """The plain products that decoding steps use give torch's fused attention, masks and all."""

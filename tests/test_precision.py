@@ -81,6 +81,22 @@ def test_float32_on_cpu_projects_self_attention_in_one_product_saved_as_three(mo
             torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
 
 
+def test_float32_on_cpu_folds_a_short_sentences_cross_attention(model_dir, model):
+    """Loaded for float32 on a CPU, a short sentence decoded greedily gets folded cross K/V
+    (read from the layers' tuned weights), and the unloaded model's logits."""
+    loaded = checkpoint.load(str(model_dir), "cpu").model
+    src = torch.randint(4, model.cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(4, model.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    with torch.inference_mode():
+        full = model(src, mask, tgt)  # (1, T, V)
+        cache = loaded.new_cache(loaded.encode(src, mask), mask)
+        assert cache.cross_bias is not None
+        for t in range(tgt.size(1)):
+            logits, cache = loaded.decode_step(tgt[:, t], cache)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
 def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     model = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
