@@ -12,6 +12,7 @@ and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 import warnings
@@ -420,7 +421,7 @@ def convert(model: nn.Module, name: str, tensors: dict, dtype: str, device: torc
         model.embed = Float16Embeddings(weight, module.scale)
     else:
         if tied and tuned(dtype, device):  # the output layer reads it too: column-major
-            tensors = {**tensors, "embed.weight": weight.t().contiguous().t()}
+            tensors = {**tensors, "embed.weight": column_major_in_huge_pages(weight)}
         if dtype == "bfloat16":
             tensors = {k: t.to(torch.bfloat16) for k, t in tensors.items()}
         start = len(name) + 1 if name else 0  # into the module itself: the whole model's
@@ -478,21 +479,38 @@ def before_fork(model: nn.Module, threads: int) -> None:
         model.tied_linear.before_fork(model.embed.weight, threads)
 
 
+def column_major_in_huge_pages(weight: Tensor) -> Tensor:
+    """A column-major copy of `weight` (out, in), in 2 MB pages where Linux gives them on
+    request (transparent huge pages in "madvise" mode, as Ubuntu ships it): a decoding step
+    with one row streams the tied output layer's whole matrix, and with 4 KB pages takes a TLB
+    miss every 4 KB of it (opus-mt's 58k x 512 matrix, one sentence greedily, Zen 4 EPYC:
+    1.014x, 1.019x, 1.053x and 1.059x, one process switching between two copies)."""
+    copy = weight.new_empty(weight.shape[::-1])  # (in, out)
+    libc, huge = _libc(), 2 << 20
+    start = -(-copy.data_ptr() // huge) * huge  # the whole 2 MB pages inside the copy
+    end = (copy.data_ptr() + copy.numel() * copy.element_size()) // huge * huge
+    if libc is not None and end > start:  # before any page is touched; a refusal changes nothing
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+    return copy.copy_(weight.t()).t()  # (out, in), strides (1, out)
+
+
+MADV_HUGEPAGE = 14  # Linux's
+
+
 def give_back_memory() -> None:
     """Return freed memory to the OS now. glibc keeps freed heap memory for reuse, and the
     float32 tensors freed between int8 layers fragment it so that it is not reused: the peak
     would grow by a third of the float32 model. About a millisecond a call."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where there is no glibc."""
+def _libc():
+    """glibc (malloc_trim, madvise), or None where there is no glibc."""
     try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "madvise") else None

@@ -97,6 +97,14 @@ def test_float32_on_cpu_folds_a_short_sentences_cross_attention(model_dir, model
             torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (3000, 512)])  # under and over 2 MB pages
+def test_the_tied_output_matrix_is_a_column_major_copy(shape):
+    weight = torch.randn(shape)
+    held = precision.column_major_in_huge_pages(weight)
+    assert held.stride() == (1, shape[0]) and torch.equal(held, weight)
+    assert held.data_ptr() != weight.data_ptr()
+
+
 def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     model = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
