@@ -351,8 +351,8 @@ class Transformer(nn.Module):
         set, each sentence has one row, and the folded K/V are at most half the bytes of the
         query and output projections' weights (B H S <= D / 2: one sentence of up to 32
         tokens, for D 512 and 8 heads). A decoding step then reads them in two products in
-        place of those four (Zen 4 EPYC, greedy, one sentence of 20 tokens: 6-12% faster;
-        of 60 tokens, or beam search over 40, 1-5% slower)."""
+        place of those four (Zen 4 EPYC, greedy, one sentence of 20 tokens: 10-12% faster;
+        folded all the same, one of 60 tokens or beam search over 40 ran 1-5% slower)."""
         (B, S, D), H = memory.shape, self.cfg.n_heads
         if fold is None:
             fold = self.fold_source and group == 1 and B * H * S <= D // 2
