@@ -53,7 +53,10 @@ class KVCache:
         sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
         if is_identity(sentences, n):
             return replace(self, self_k=self_k, self_v=self_v)
-        pick = lambda ts: None if ts is None else [t.index_select(0, sentences) for t in ts]  # noqa: E731
+
+        def pick(ts: list[Tensor] | None) -> list[Tensor] | None:
+            return None if ts is None else [t.index_select(0, sentences) for t in ts]
+
         return replace(self, self_k=self_k, self_v=self_v, cross_k=pick(self.cross_k),
                        cross_v=pick(self.cross_v), cross_bias=pick(self.cross_bias),
                        memory_mask=self.memory_mask.index_select(0, sentences))

@@ -479,6 +479,9 @@ def before_fork(model: nn.Module, threads: int) -> None:
         model.tied_linear.before_fork(model.embed.weight, threads)
 
 
+MADV_HUGEPAGE = 14  # Linux's
+
+
 def column_major_in_huge_pages(weight: Tensor) -> Tensor:
     """A column-major copy of `weight` (out, in), in 2 MB pages where Linux gives them on
     request (transparent huge pages in "madvise" mode, as Ubuntu ships it): a decoding step
@@ -492,9 +495,6 @@ def column_major_in_huge_pages(weight: Tensor) -> Tensor:
     if libc is not None and end > start:  # before any page is touched; a refusal changes nothing
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
     return copy.copy_(weight.t()).t()  # (out, in), strides (1, out)
-
-
-MADV_HUGEPAGE = 14  # Linux's
 
 
 def give_back_memory() -> None:
