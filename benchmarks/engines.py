@@ -6,6 +6,12 @@ prints one JSON line: engine, mode, workload, load_s, tok_s (median output token
 timed passes), peak_rss_mb, tokens_ok. Each engine imports only what it needs: the ct2 engine
 never imports torch or transformers.
 
+With --serve, the process loads and warms up, prints {"ready": true}, then takes one timed
+pass for each line "pass" on stdin (answering {"seconds": ..., "ok": ...}) and, at the end of
+its input, prints the same summary line. benchmarks.run drives one such process per engine
+and takes their passes in turn, so that the engines of a row see the same spells of a shared
+machine.
+
 A pass decodes every batch of the workload with exactly NEW_TOKENS output tokens per sentence
 (minimum = maximum length), so all engines do the same amount of work whatever the random
 weights prefer."""
@@ -153,8 +159,12 @@ def load_ours(mode: str, beam: int, single: bool = False) -> Runner:
                                                     initargs=(1,))
 
     def in_workers(batches):
-        return [n for lengths in pool.map(_run_in_worker, batches, chunksize=1)
-                for n in lengths]
+        sampler.active.set()
+        try:
+            return [n for lengths in pool.map(_run_in_worker, batches, chunksize=1)
+                    for n in lengths]
+        finally:
+            sampler.active.clear()
 
     sampler = PeakMemory(lambda: [os.getpid(), *(p.pid for p in pool._pool)])
     in_workers.load_s, in_workers.whole, in_workers.peak_kib = load_s, True, sampler.peak_kib
@@ -165,16 +175,19 @@ class PeakMemory:
     """The peak of the memory that a group of processes holds together, sampled every 250 ms:
     the sum of their PSS (shared pages shared out, so the weights the forked workers share
     count once), or the parent's own VmHWM if that was higher (the load, before the workers).
-    Each process's VmHWM alone would miss the workers, and their sum count the weights thrice."""
+    Each process's VmHWM alone would miss the workers, and their sum count the weights thrice.
+    It samples only while `active` is set (during passes): a sample costs a few % of a core,
+    which would slow the other engines' passes while this one waits its turn."""
 
     def __init__(self, pids: Callable[[], list[int]]):
         import threading
 
         self.pids, self.peak = pids, 0
+        self.active = threading.Event()
         threading.Thread(target=self.sample, daemon=True).start()
 
     def sample(self) -> None:
-        while True:
+        while self.active.wait():
             total = 0
             for pid in self.pids():
                 try:
@@ -226,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--repeats", type=int, help="timed passes [default: 5 for W1/W2, "
                         "3 for W3/W4]")
+    parser.add_argument("--serve", action="store_true", help="a timed pass for each line "
+                        "'pass' on stdin, instead of --repeats")
     args = parser.parse_args(argv)
     if args.mode not in MODES[args.engine]:
         parser.error(f"{args.engine} modes: {', '.join(MODES[args.engine])}")
@@ -241,17 +256,32 @@ def main(argv: list[str] | None = None) -> None:
 
     _, ok = one_pass(run, workload)  # warm-up: first-call allocations, lazy init
     speeds = []
-    for _ in range(repeats):
+
+    def timed_pass() -> dict:
+        nonlocal ok
         seconds, good = one_pass(run, workload)
         ok &= good
         speeds.append(workload.output_tokens / seconds)
+        return {"seconds": round(seconds, 4), "ok": good}
+
+    if args.serve:
+        say({"ready": True})
+        for line in sys.stdin:
+            if line.strip() == "pass":
+                say(timed_pass())
+    else:
+        for _ in range(repeats):
+            timed_pass()
 
     peak_kib = getattr(run, "peak_kib", peak_rss_kib)()
-    print(json.dumps({
-        "engine": args.engine, "mode": args.mode, "workload": args.workload,
-        "load_s": round(run.load_s, 3), "tok_s": round(statistics.median(speeds), 2),
-        "peak_rss_mb": round(peak_kib / 1024, 1), "tokens_ok": ok}))
-    sys.stdout.flush()
+    say({"engine": args.engine, "mode": args.mode, "workload": args.workload,
+         "load_s": round(run.load_s, 3),
+         "tok_s": round(statistics.median(speeds), 2) if speeds else 0.0,
+         "peak_rss_mb": round(peak_kib / 1024, 1), "tokens_ok": ok and bool(speeds)})
+
+
+def say(record: dict) -> None:
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The one benchmark command: build the model if needed, run every engine and precision on
-every workload (each in its own process, one after another), time the CLI, and print one
+every workload (each in its own process; a workload's engines loaded side by side and their
+timed passes taken in turn), time the CLI, and print one
 markdown report to paste into benchmarks/README.md. Progress goes to stderr; the raw results
 go to benchmarks/.work/results.json.
 
@@ -17,6 +18,8 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +34,9 @@ MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SENTENCE = "A man is riding a bicycle."
 CLI_REPEATS = 5
 RUN_TIMEOUT_S = 3600
+# after each pass: CTranslate2's OpenMP threads spin for 200 ms after their work (Intel's
+# KMP_BLOCKTIME) and would take the CPUs from the next engine's pass
+PAUSE_S = 0.5
 BASELINES = [("transformers", "float32"), ("ct2", "float32")]  # what our ratios compare to
 ISA_FLAGS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 
@@ -56,21 +62,76 @@ def selected(only: str | None) -> list[tuple[str, str]]:
     return [(e, m) for e, m in pairs if e in wanted or f"{e}:{m}" in wanted]
 
 
-def run_engine(engine: str, mode: str, workload: str, repeats: int | None) -> dict:
-    command = [sys.executable, "-m", "benchmarks.engines", engine, mode, workload]
-    if repeats:
-        command += ["--repeats", str(repeats)]
-    failed = {"engine": engine, "mode": mode, "workload": workload, "tokens_ok": False}
-    try:
-        done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return failed | {"error": f"timed out after {RUN_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return failed | {"error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1])
+class Served:
+    """One engine's process for one workload (benchmarks.engines --serve): loaded once, then
+    asked for one timed pass at a time; killed if it runs past RUN_TIMEOUT_S in all."""
+
+    def __init__(self, engine: str, mode: str, workload: str):
+        self.engine, self.mode, self.workload = engine, mode, workload
+        self.stderr = tempfile.TemporaryFile("w+")  # read back only for a failure's last line
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.engines", engine, mode, workload, "--serve"],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            text=True)
+        self.timer = threading.Timer(RUN_TIMEOUT_S, self.kill)
+        self.timer.start()
+        self.error: str | None = None
+        self.reply()  # {"ready": true} once loaded and warmed up
+
+    def kill(self) -> None:
+        self.error = f"timed out after {RUN_TIMEOUT_S} s"
+        self.process.kill()
+
+    def reply(self) -> dict:
+        """The process's next line, or {} if it ended (self.error then says how)."""
+        line = self.process.stdout.readline() if self.error is None else ""
+        if line:
+            return json.loads(line)
+        self.process.wait()
+        self.timer.cancel()
+        if self.error is None:
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            self.error = f"exit {self.process.returncode}: {tail}"
+        return {}
+
+    def timed_pass(self) -> dict:
+        try:
+            self.process.stdin.write("pass\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # it ended: reply() says how
+            pass
+        return self.reply()
+
+    def finish(self) -> dict:
+        """The engine's summary line (engines.main's), or a failed one."""
+        summary = {}
+        if self.error is None:
+            self.process.stdin.close()
+            summary = self.reply()
+            self.process.wait()
+            self.timer.cancel()
+        self.stderr.close()
+        return summary or {"engine": self.engine, "mode": self.mode, "workload": self.workload,
+                           "tokens_ok": False, "error": self.error}
+
+
+def run_row(pairs: list[tuple[str, str]], workload: str, repeats: int) -> list[dict]:
+    """Every engine's runs of one workload, interleaved: all loaded side by side (one after
+    another), then `repeats` rounds of one timed pass each, the order turning every round.
+    A host shared with other machines has slow spells of seconds to minutes; taken in turn,
+    every engine of the row sees the same ones, where one engine after another would not."""
+    served = []
+    for engine, mode in pairs:
+        log(f"    loading {engine} {mode} ...")
+        served.append(Served(engine, mode, workload))
+    for round_ in range(repeats):
+        turn = round_ % len(served)
+        for one in served[turn:] + served[:turn]:
+            if one.error is None:
+                one.timed_pass()
+                time.sleep(PAUSE_S)
+    return [one.finish() for one in served]
 
 
 def median_wall(command: list[str]) -> dict:
@@ -184,7 +245,7 @@ def report(env: dict, pairs: list[tuple[str, str]], runs: list[dict], cli: dict 
            (f"- CPU: {env['cpu']} ({env['cores']} cores; {flags}); {env['threads']} threads "
             f"per engine; CPUs {env['idle_before_start_percent']:.0f}% idle before the start"),
            (f"- {NEW_TOKENS} output tokens per sentence; one warm-up pass, then the median of "
-            "the timed passes"), ""]
+            "the timed passes, taken in turn with the other engines of the workload"), ""]
     bad = [r for r in runs if "error" in r or not r["tokens_ok"]]
     if bad:
         listed = ", ".join(f"{r['engine']} {r['mode']} {r['workload']} "
@@ -267,23 +328,21 @@ def main(argv: list[str] | None = None) -> None:
         log(f"warning: the CPUs are only {env['idle_before_start_percent']:.0f}% idle; other "
             "processes will skew the numbers")
     runs = []
-    total = sum(not (m.endswith("-w2") and w.sentences == 1)
-                for w in WORKLOADS.values() for _, m in pairs)
-    # workload by workload: the engines compared in one row run minutes apart, not half an
-    # hour, so a slow spell of a shared machine skews a row less
-    for workload in WORKLOADS:
-        for engine, mode in pairs:
-            if mode.endswith("-w2") and WORKLOADS[workload].sentences == 1:
-                continue  # workers share out batches; one sentence has none to share
-            log(f"[{len(runs) + 1}/{total}] {engine} {mode} {workload} ...")
-            result = run_engine(engine, mode, workload, args.repeats)
+    # workload by workload, each a row of the tables: its engines' passes are interleaved
+    for workload, w in WORKLOADS.items():
+        row = [(e, m) for e, m in pairs if not (m.endswith("-w2") and w.sentences == 1)]
+        # (workers share out batches; one sentence has none to share)
+        repeats = args.repeats or (5 if w.sentences == 1 else 3)
+        log(f"{workload}: {len(row)} engines, {repeats} passes each, in turn ...")
+        for result in run_row(row, workload, repeats):
             runs.append(result)
+            name = f"{result['engine']} {result['mode']} {workload}"
             if "error" in result:
-                log(f"    FAILED: {result['error']}")
+                log(f"    {name} FAILED: {result['error']}")
             else:
-                log(f"    {result['tok_s']:.1f} tok/s, {result['peak_rss_mb']:.0f} MB, load "
-                    f"{result['load_s']:.2f} s" + ("" if result["tokens_ok"] else
-                                                   "  WRONG TOKEN COUNT"))
+                log(f"    {name}: {result['tok_s']:.1f} tok/s, {result['peak_rss_mb']:.0f} MB, "
+                    f"load {result['load_s']:.2f} s" + ("" if result["tokens_ok"] else
+                                                       "  WRONG TOKEN COUNT"))
     cli = None if args.no_cli else cli_timings()
     bleu = bleu_scores() if args.bleu else None
 
