@@ -284,7 +284,8 @@ def report(env: dict, pairs: list[tuple[str, str]], runs: list[dict], cli: dict 
         return [f"{engine} {mode}", f"{statistics.median(loads):.2f}" if loads else "-", *rss]
 
     out += ["", "Load time (s, median of the runs) and peak RSS (MB) of each run's process "
-            "(-w2: the peak of its processes' summed PSS, sampled every 250 ms):", ""]
+            "(-w2: the peak of its processes' summed PSS, sampled every 250 ms during its "
+            "passes):", ""]
     out += table(["engine", "load s", *(f"RSS {w}" for w in WORKLOADS)],
                  [memory_row(e, m) for e, m in pairs])
 
