@@ -232,6 +232,11 @@ def one_pass(run: Runner, workload: Workload) -> tuple[float, bool]:
     return time.perf_counter() - start, ok
 
 
+def default_repeats(workload: Workload) -> int:
+    """Timed passes when none are asked for: 5 for one sentence (W1, W2), 3 for the batches."""
+    return 5 if workload.sentences == 1 else 3
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engines")
     parser.add_argument("engine", choices=sorted(MODES))
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode not in MODES[args.engine]:
         parser.error(f"{args.engine} modes: {', '.join(MODES[args.engine])}")
     workload = WORKLOADS[args.workload]
-    repeats = args.repeats or (5 if workload.sentences == 1 else 3)
+    repeats = args.repeats or default_repeats(workload)
 
     single = workload.sentences == 1
     if single and args.mode.endswith("-w2"):

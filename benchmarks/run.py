@@ -1,8 +1,8 @@
 """The one benchmark command: build the model if needed, run every engine and precision on
 every workload (each in its own process; a workload's engines loaded side by side and their
-timed passes taken in turn), time the CLI, and print one
-markdown report to paste into benchmarks/README.md. Progress goes to stderr; the raw results
-go to benchmarks/.work/results.json.
+timed passes taken in turn), time the CLI, and print one markdown report to paste into
+benchmarks/README.md. Progress goes to stderr; the raw results go to
+benchmarks/.work/results.json.
 
     python -m benchmarks.run [--repeats N] [--only ENGINES] [--no-cli] [--bleu]
 """
@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.engines import MODES, THREADS
+from benchmarks.engines import MODES, THREADS, default_repeats
 from benchmarks.workloads import NEW_TOKENS, RESULTS, WORKLOADS
 from core.machine import cpu_flags, cpu_name
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     for workload, w in WORKLOADS.items():
         row = [(e, m) for e, m in pairs if not (m.endswith("-w2") and w.sentences == 1)]
         # (workers share out batches; one sentence has none to share)
-        repeats = args.repeats or (5 if w.sentences == 1 else 3)
+        repeats = args.repeats or default_repeats(w)
         log(f"{workload}: {len(row)} engines, {repeats} passes each, in turn ...")
         for result in run_row(row, workload, repeats):
             runs.append(result)
