@@ -33,12 +33,13 @@ is chosen only where PACKED_WIN times faster.
 TRANSLATE_KERNEL=mkl, =onednn, =split2 or =split8 forces one kernel on the plain weight and
 measures nothing.
 
-int8 layers (core.precision) choose the same way between the quantized engines torch ships:
-fbgemm, fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the
-CPU has them (an Intel Xeon with AMX: 3.4x fbgemm for a 58k-row output layer at 128 rows).
-Moving a layer repacks it, so they are timed side by side on the layer by `fastest()` instead,
-and kept in a file of their own (`*-int8.json`); TRANSLATE_INT8_KERNEL=fbgemm or =onednn
-forces one."""
+int8 layers (core.precision) choose the same way between the int8 engines torch ships: fbgemm,
+fastest at the few rows of a decoding step, and oneDNN, which uses AMX tiles where the CPU has
+them (an Intel Xeon with AMX: 3.4x fbgemm for a 58k-row output layer at 128 rows) and is faster
+at a batch's rows on others too (Zen 4 EPYC, one thread, that layer at 128 rows: 21 ms against
+25). Moving a layer repacks it, so they are timed side by side on the layer by `fastest()`
+instead, and kept in a file of their own (`*-int8b.json`); TRANSLATE_INT8_KERNEL=fbgemm or
+=onednn forces one."""
 
 from __future__ import annotations
 
@@ -119,8 +120,11 @@ LAYOUT_MARGIN = 1.1
 LAYOUT_LAYERS = 4  # layers of a shape and row bucket that try both layouts (each holds both
 # meanwhile: the benchmark model's 60 512 x 512 layers all at once took 270 MB more at the
 # peak); per bucket, so that layers called every step take part, not only the encoder's
-INT8_ENGINES = tuple(e for e in ("fbgemm", "onednn")
-                     if e in torch.backends.quantized.supported_engines)
+# int8 products: fbgemm's (torch.ops.quantized) and oneDNN's (torch.ops.onednn, which packs the
+# matrix alone where torch.ops.quantized's oneDNN engine also keeps it as it was)
+INT8_ENGINES = (("fbgemm",) if "fbgemm" in torch.backends.quantized.supported_engines else ()) + (
+    ("onednn",) if torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.onednn, "qlinear_pointwise") else ())
 TIMED_CALLS = 3  # per kernel, after one untimed call
 TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer)
 TRIAL_CALLS = 48  # or this many calls, where 3 ms takes more
@@ -332,7 +336,9 @@ PACKED_WIN = 1.15
 FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", "", {}),
             "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output",
                        {"packed": PACKED_WIN}),
-            "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8", {})}
+            # "-int8b": choices made before oneDNN's int8 layers stopped holding their matrix
+            # twice, under a handicap for it, are void
+            "int8": (INT8_ENGINES, "TRANSLATE_INT8_KERNEL", "-int8b", {})}
 _choosers: dict[str, Chooser] = {}
 
 

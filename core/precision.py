@@ -67,20 +67,17 @@ class Int8Linear(nn.Module):
     PyTorch has on x86 at few rows) or oneDNN's. That shared scale makes a sentence's result
     depend slightly on the other sentences of its batch.
 
-    Called with ONEDNN_ROWS rows or more (a batch: AMX's tiles pay there), a layer for whose
-    shape core.kernels measures oneDNN at least ONEDNN_WIN times faster at those rows moves to
-    oneDNN's packing for good and frees fbgemm's. Where the CPU multiplies int8 into 32-bit
-    sums (VNNI, AMX), oneDNN's layers quantize activations to all 8 bits, not 7: on Multi30k
-    test2016 the de-en model's int8 BLEU went from 42.05 to 42.42 that way (float32 42.36;
-    fbgemm alone 42.23). oneDNN's packing holds the weights twice
-    (its own layout and the original): 65 MB for a 58k x 512 output layer where fbgemm's holds
-    31, so a small gain, or one sentence's (at most 1.2x), is not worth it.
+    Called with ONEDNN_ROWS rows or more (a batch), a layer for whose shape core.kernels
+    measures oneDNN at least ONEDNN_WIN times faster at those rows moves to oneDNN's packing
+    for good and frees fbgemm's. Where the CPU multiplies int8 into 32-bit sums (VNNI, AMX),
+    oneDNN's layers quantize activations to all 8 bits, not 7: on Multi30k test2016 the de-en
+    model's int8 BLEU went from 42.05 to 42.42 that way (float32 42.36; fbgemm alone 42.23).
 
     fbgemm's packing of a wide layer (the output layer) is in blocks of BLOCK output rows, each
     computed into its slice of the result: fbgemm gives every call an int32 buffer as large as
     its output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and the
     heap keeps what that churns (one such call: 444 MB peak whole, 341 blocked; the benchmark
-    model's load: 402 and 374 MB)."""
+    model's load: 402 and 374 MB). oneDNN writes its sums scaled into the result: one block."""
 
     BLOCK = 8192
     # fbgemm to start with where torch has it, and oneDNN to move to
@@ -89,9 +86,10 @@ class Int8Linear(nn.Module):
     # 7-bit activations keep the 16-bit sums of CPUs without VNNI from saturating
     ONEDNN_7_BITS = not machine.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
     ONEDNN_ROWS = 32
-    ONEDNN_WIN = 1.5  # for the memory it costs (an Intel Xeon with AMX, 2 threads: 3.4x for
-    # the output layer at 128 rows, 3.2x at 32, 1.2x at 1; 1.1x or less for 512-wide layers
-    # at 32 rows, 1.3-1.9x at 128)
+    # a move is for good, at every row count after: oneDNN must win clearly where measured
+    # (Zen 4 EPYC, one thread: 1.18x for the 58k-row output layer at 128 rows; 0.9-1.06x for
+    # 512-wide layers, which a handicap of 1 moved on noise: int8 W3 4% slower)
+    ONEDNN_WIN = 1.1
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None):
         super().__init__()
@@ -108,14 +106,10 @@ class Int8Linear(nn.Module):
                 for i in range(0, q.size(0), self.BLOCK)]
 
     def onednn_packing(self, packed: list) -> list:
-        """oneDNN's packing, whole, of the weights in fbgemm's `packed`, which empties as it
-        goes (where it is the layer's own, each block is freed once read, and the int8 matrix
-        once quantized: moving never holds more than where it ends)."""
-        q, scale, bias = self.unpacked(packed)
-        qweight = per_channel(q, scale)
-        del q
-        with quantized_engine("onednn"):
-            return [torch.ops.quantized.linear_prepack(qweight, bias)]
+        """oneDNN's packing of the weights in fbgemm's `packed`, which empties as it goes
+        (where it is the layer's own, each block is freed once read: moving never holds more
+        than the int8 matrix beside where it ends)."""
+        return [OneDNNInt8(*self.unpacked(packed))]
 
     def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
         """The int8 matrix, its row scales and the bias, out of `packed`, which empties."""
@@ -147,6 +141,8 @@ class Int8Linear(nn.Module):
         return self.engine != "onednn" or self.ONEDNN_7_BITS
 
     def run(self, x: Tensor, packed: list, seven_bits: bool = True) -> Tensor:
+        if isinstance(packed[0], OneDNNInt8):
+            return packed[0](x, seven_bits)
         # fbgemm's activations get 7 bits so that CPUs without VNNI never saturate their
         # 16-bit sums
         if len(packed) == 1:
@@ -170,11 +166,48 @@ class Int8Linear(nn.Module):
 
         key = kernels.Chooser.key((self.out_features, self.in_features), rows)
         if kernels.chooser("int8").choose(key, measure) == "onednn":
-            self.packed = trial[0] if trial else self.onednn_packing(self.packed)
-            self.engine = "onednn"
-        if trial or self.engine == "onednn":  # a packing freed
+            self.move_to_onednn(trial[0] if trial else None)
+        elif trial:  # the trial's packing freed
             trial.clear()
             give_back_memory()
+
+    def move_to_onednn(self, packing: list | None = None) -> None:
+        """Give up fbgemm's packing for oneDNN's (`packing`, or made from it now)."""
+        self.packed = packing if packing is not None else self.onednn_packing(self.packed)
+        self.engine = "onednn"
+        give_back_memory()
+
+    def before_fork(self, threads: int) -> None:
+        """Move now if processes of `threads` threads chose oneDNN for this shape at some row
+        count, so that workers forked next share one packing rather than each making their own."""
+        shape = (self.out_features, self.in_features)
+        if self.MOVABLE and self.engine != "onednn" and kernels.chooser(
+                "int8", threads).chosen_anywhere(shape, "onednn"):
+            self.move_to_onednn()
+
+
+class OneDNNInt8:
+    """An int8 matrix in oneDNN's layout alone (torch.ops.onednn, as torch's compiler uses it),
+    with its row scales and bias; calls quantize x dynamically, one scale for all of it.
+    torch.ops.quantized's oneDNN engine would also keep the matrix as it was: 65 MB for a 58k x
+    512 output layer where this holds 30."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None):
+        self.weight = torch.ops.onednn.qlinear_prepack(q, None)  # (in, out), oneDNN's layout
+        self.scale, self.bias = scale, None if bias is None else bias.detach().float()
+        self.zero = torch.zeros(q.size(0), dtype=torch.long)
+
+    def __call__(self, x: Tensor, seven_bits: bool) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))  # (R, in)
+        if not x2.size(0):  # no rows: nothing to take a scale from
+            return x.new_empty(*x.shape[:-1], self.scale.size(0))
+        with warnings.catch_warnings():  # quantized tensors are deprecated; these kernels are not
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_tensor_dynamic(x2, torch.quint8, seven_bits)
+        out = torch.ops.onednn.qlinear_pointwise(
+            q.int_repr(), q.q_scale(), q.q_zero_point(), self.weight, self.scale, self.zero,
+            self.bias, 1.0, 0, torch.float32, "none", [], "")  # (R, out)
+        return out.view(*x.shape[:-1], out.size(-1))  # (..., out)
 
 
 class Int8Embeddings(nn.Module):
@@ -477,6 +510,9 @@ def before_fork(model: nn.Module, threads: int) -> None:
     make for itself on its first calls is made now, once, and shared."""
     if isinstance(getattr(model, "tied_linear", None), TiedOutput):
         model.tied_linear.before_fork(model.embed.weight, threads)
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.before_fork(threads)
 
 
 MADV_HUGEPAGE = 14  # Linux's

@@ -24,18 +24,27 @@ from core.translator import Translator
 ENGLISH = TEXTS[0::2]
 
 
-@pytest.mark.parametrize("shape", [(5, 48), (3, 1, 48), (2, 7, 48)])
-def test_int8_linear_is_close_to_float32(shape):
+needs_onednn = pytest.mark.skipif(not Int8Linear.MOVABLE,
+                                  reason="torch has no oneDNN and fbgemm int8 engines here")
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", pytest.param("onednn", marks=needs_onednn)])
+@pytest.mark.parametrize("shape", [(5, 48), (3, 1, 48), (2, 7, 48), (0, 48)])
+def test_int8_linear_is_close_to_float32(shape, engine):
     """An Int8Linear computes the float32 layer to within int8 rounding (1-2%), with or
-    without a bias, for inputs of any leading shape."""
+    without a bias, for inputs of any leading shape, in either engine."""
     torch.manual_seed(0)
     linear = nn.Linear(48, 200)
     x = torch.randn(shape)
     for bias in (linear.bias, None):
         want = nn.functional.linear(x, linear.weight, bias)
-        got = Int8Linear.from_float(linear.weight, bias)(x)
+        layer = Int8Linear.from_float(linear.weight, bias)
+        if engine == "onednn":
+            layer.move_to_onednn()
+        got = layer(x)
         assert got.shape == want.shape
-        assert (got - want).abs().mean() < 0.03 * want.abs().mean()
+        if want.numel():
+            assert (got - want).abs().mean() < 0.03 * want.abs().mean()
 
 
 def test_float32_on_cpu_reads_matrices_column_major(model_dir, model, tokenizer, tmp_path,
@@ -244,10 +253,6 @@ def int8_chooser(monkeypatch, forced=None):
     chooser = kernels.Chooser(None, forced, kernels.INT8_ENGINES)
     monkeypatch.setitem(kernels._choosers, "int8", chooser)
     return chooser
-
-
-needs_onednn = pytest.mark.skipif(not Int8Linear.MOVABLE,
-                                  reason="torch has no oneDNN and fbgemm int8 engines here")
 
 
 @needs_onednn
@@ -499,6 +504,23 @@ def test_the_packed_copy_one_thread_workers_chose_is_made_before_they_fork(model
         precision.before_fork(loaded, threads=1)
         assert (tied.blocks is not None) == made
         assert torch.get_num_threads() == threads
+
+
+@needs_onednn
+def test_int8_layers_one_thread_workers_moved_to_onednn_move_before_they_fork(model_dir,
+                                                                           monkeypatch):
+    """Moved in the parent, a layer's oneDNN packing is shared by the forked workers instead
+    of each making its own; layers of the shapes they keep on fbgemm stay."""
+    loaded = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
+    layers = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    shape = (layers[0].out_features, layers[0].in_features)
+    chooser = kernels.Chooser(None, names=kernels.INT8_ENGINES, threads=1)
+    chooser.table[kernels.Chooser.key(shape, 64)] = "onednn"
+    monkeypatch.setattr(kernels, "chooser", lambda family, threads=None: chooser)
+    precision.before_fork(loaded, threads=1)
+    moved = [(m.out_features, m.in_features) == shape for m in layers]
+    assert [m.engine for m in layers] == ["onednn" if m else "fbgemm" for m in moved]
+    assert not all(moved)
 
 
 def test_another_thread_counts_choices_leave_this_process_chooser_alone(monkeypatch):
