@@ -56,15 +56,18 @@ def ban_repeats(logprobs: Tensor, history: Tensor, n: int) -> Tensor:
     return logprobs.index_put((row, grams[row, at, -1]), logprobs.new_tensor(NEG_INF))
 
 
-def largest(x: Tensor, k: int, *, blocks: int = 64) -> tuple[Tensor, Tensor]:
+def largest(x: Tensor, k: int, *, size: int = 256) -> tuple[Tensor, Tensor]:
     """The k highest values of each row of a 2-D x and their columns, as torch.topk gives them.
 
-    Faster than torch.topk on the CPU over a large vocabulary (3x for 128 rows of 58k): only
-    the k column blocks with the highest maxima can hold a row's k highest values, so one cheap
-    max pass narrows the search to k blocks and the columns left over after the last block."""
+    Faster than torch.topk on the CPU over a large vocabulary: only the k column blocks (of
+    `size` columns) with the highest maxima can hold a row's k highest values, so one cheap
+    max pass narrows the search to k blocks and the columns left over after the last block.
+    Zen 4 EPYC, one thread, 58k columns: 128 rows' 8 best 10.2 ms with torch.topk, 4.6 in 64
+    blocks, 2.6 in blocks of 256; one row's best 0.10, 0.08 and 0.06 ms. Below 50,000 values
+    in all, torch.topk's one call is the faster (one row of 8k: 0.015 ms against 0.05)."""
     N, V = x.shape
-    size = V // blocks
-    if k > blocks or size < 4 * k:
+    blocks = V // size
+    if k > blocks or N * V < 50_000:
         return x.topk(k, dim=-1)
     body = x[:, : blocks * size].view(N, blocks, size)  # (N, blocks, size), a view
     top_blocks = body.amax(-1).topk(k, dim=-1).indices  # (N, k)
