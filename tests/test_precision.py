@@ -119,9 +119,26 @@ def test_int8_replaces_every_linear_layer_and_the_tied_output(model_dir):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(model.embed, Int8Embeddings)  # no float32 table left
-    per_layer = {"encoder": 6, "decoder": 10}  # q k v out fc1 fc2, and cross-attention's 4
+    per_layer = {"encoder": 4, "decoder": 8}  # qkv out fc1 fc2, and cross-attention's 4
     want = 2 * per_layer["encoder"] + 2 * per_layer["decoder"] + 1
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == want
+
+
+def test_int8_self_attention_projects_q_k_and_v_in_one_product(model_dir):
+    """Loaded in int8, each self-attention's q, k and v come from one layer, which computes
+    what the three it joined did (to float rounding: x quantizes alike for all)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 32) for _ in range(3)]
+    biases = [torch.randn(48) for _ in range(3)]
+    parts = [Int8Linear.from_float(w, b) for w, b in zip(weights, biases)]
+    x = torch.randn(5, 3, 32)
+    with torch.inference_mode():
+        want = torch.cat([p(x) for p in parts], -1)
+        torch.testing.assert_close(Int8Linear.joined(parts)(x), want, rtol=1e-5, atol=1e-5)
+    loaded = checkpoint.load(str(model_dir), "cpu", dtype="int8").model
+    for layer in [*loaded.encoder, *loaded.decoder]:
+        assert isinstance(layer.self_attn.qkv, Int8Linear) and layer.self_attn.q_proj is None
+    assert loaded.decoder[0].cross_attn.qkv is None
 
 
 def test_int8_embeddings_are_close_to_float32():
