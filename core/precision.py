@@ -511,8 +511,7 @@ def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.dev
         give_back_memory()
     if dtype == "bfloat16":
         model.to(torch.bfloat16)  # what no file holds: the sinusoid table
-    if device.type == "cpu" and dtype in ("float32", "int8"):
-        fuse(model)
+    fuse(model)  # its layers' types decide: float32's TunedLinear and int8's Int8Linear
     if tuned(dtype, device):
         # a decoding step's products read memory: one sentence's cross-attention K/V folded
         # through the projections take fewer bytes than the projections' weights
