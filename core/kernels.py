@@ -25,6 +25,10 @@ Which weight layout a shape's layers keep, column-major or oneDNN's own packed o
 product reads faster at a few rows and more), is tried the same way on their calls once the
 shape's kernel is chosen (core.precision.TunedLinear) and kept in the same file.
 
+Calls with one row (a decoding step of one sentence, greedily or sampled) may go instead to
+row_blocks() on a row-major copy of the matrix, tried in pairs of calls against the layer's own
+way the same way and kept per shape only where it wins (core.precision.TunedLinear).
+
 The tied output layer (core.precision.TiedOutput) chooses the same way per row count, in a
 family and file of its own (`*-output.json`), among the kernels and one more, "packed": its
 matrix is the embedding table too and stays plain, so its packed copy is held beside it, and
@@ -101,6 +105,33 @@ def split(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int) -> Tensor
     return out.view(*x.shape[:-1], out_features)  # (..., out)
 
 
+def row_blocks(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int = 4) -> Tensor:
+    """x W^T + b for a row-major W (out, in), as one batched product of `blocks` blocks of W's
+    rows by x: each block is one stretch of memory that a thread streams whole, where every
+    kernel on the column-major or packed weight reads short runs of it. Faster at one row
+    only (Zen 4 EPYC, 2 threads, cold, one row: 2048 x 512 0.13 ms, 512 x 2048 0.10, 512 x 512
+    0.032, against the best of the others 0.16-0.20, 0.17 and 0.065; at 4 rows 1.1-2.6x
+    slower than oneDNN's packed layout), so a layer holds a row-major copy for one-row calls
+    only where its shape's trial keeps one (core.precision.TunedLinear). Where the blocks do
+    not divide the rows, the last one starts a few rows early, as in split()."""
+    out_features, in_features = weight.shape
+    if out_features < blocks:
+        return F.linear(x, weight, bias)
+    step = out_features // blocks  # rows between block starts
+    size = out_features - (blocks - 1) * step  # rows per block: step, or a few more
+    w = weight.as_strided((blocks, size, in_features), (step * in_features, in_features, 1))
+    x2 = x.reshape(-1, in_features)  # (R, in)
+    xs = x2.t().expand(blocks, *x2.t().shape)  # (G, in, R)
+    if bias is None:
+        y = torch.bmm(w, xs)  # (G, size, R)
+    else:
+        y = torch.baddbmm(bias.as_strided((blocks, size, 1), (step, 1, 0)), w, xs)
+    if size != step:
+        y = torch.cat([*y[:-1, :step], y[-1]])[None]  # (1, out, R)
+    out = y.permute(2, 0, 1).reshape(x2.size(0), out_features)  # (R, out)
+    return out.view(*x.shape[:-1], out_features)  # (..., out)
+
+
 # the batched product in 2 blocks (one per thread of two) and in 8 (smaller pieces: for some
 # shapes and row counts the faster, e.g. a 512 x 512 layer at one row on a Zen 4 EPYC)
 KERNELS: dict[str, Kernel] = {"mkl": F.linear, "split2": functools.partial(split, blocks=2),
@@ -117,6 +148,10 @@ LAYOUT_PAIRS = 16  # timed pairs of calls (packed, plain) that decide a shape's 
 # of each other at one row (2048 x 512: plain 0.183 ms, packed 0.202) while packed takes
 # 0.59-0.73 of plain's time at 4 and 32 rows
 LAYOUT_MARGIN = 1.1
+# a layer's calls with one row: its own way (kernel and layout as chosen) or row_blocks() on a
+# row-major copy, which must win by ROW_MAJOR_WIN: it holds the matrix a second time
+ONE_ROW = ("own", "row-major")
+ROW_MAJOR_WIN = 1.1
 LAYOUT_LAYERS = 4  # layers of a shape and row bucket that try both layouts (each holds both
 # meanwhile: the benchmark model's 60 512 x 512 layers all at once took 270 MB more at the
 # peak); per bucket, so that layers called every step take part, not only the encoder's
@@ -199,15 +234,16 @@ class Chooser:
         self.table: dict[str, str] = {}
         self.unsure: set[str] = set()  # measured on a busy machine: not kept
         self.trials: dict[str, Trial] = {}
-        self.ratios: dict[str, list[float]] = {}  # layout trials: packed / plain times
-        self.enlisted: dict[str, int] = {}  # layout trials: layers taking part, per bucket
+        self.ratios: dict[str, list[float]] = {}  # pairwise trials (layout, one row): time ratios
+        self.enlisted: dict[str, int] = {}  # pairwise trials: layers taking part, per key
         self.saves_at_exit = False
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if data.get("kernels") == sorted(names):  # else kept before a kernel came
                     self.table = {k: v for k, v in data.get("choices", {}).items()
-                                  if v in names or v in LAYOUTS and k.endswith("@layout")}
+                                  if v in names or v in LAYOUTS and k.endswith("@layout")
+                                  or v in ONE_ROW and k.endswith("@one-row")}
                     self.trials = {k: Trial(names, seconds)
                                    for k, seconds in data.get("trials", {}).items()}
                     self.ratios = {k: [float(r) for r in ratios]
@@ -266,10 +302,9 @@ class Chooser:
         return any(self.table.get(self.key(weight_shape, 1 << b)) == name
                    for b in range(9))  # every bucket(): 1 to 256 rows
 
-    def enlist(self, weight_shape, rows: int) -> bool:
-        """Whether one more layer of this shape called with these rows may take part in the
-        shape's layout trial."""
-        key = self.key(weight_shape, rows)
+    def enlist(self, key: str) -> bool:
+        """Whether one more layer may take part in the trial of `key` (a shape and row bucket,
+        for its layout, or a one-row key)."""
         self.enlisted[key] = self.enlisted.get(key, 0) + 1
         return self.enlisted[key] <= LAYOUT_LAYERS
 
@@ -289,13 +324,32 @@ class Chooser:
     def compare_layouts(self, weight_shape, packed_s: float, plain_s: float) -> None:
         """One timed pair of a layer's calls at the same rows; after LAYOUT_PAIRS of the shape,
         packed is kept unless plain took less than 1 / LAYOUT_MARGIN of its time (median)."""
-        key = self.layout_key(weight_shape)
+        self.compare(self.layout_key(weight_shape), packed_s, plain_s, LAYOUTS, LAYOUT_MARGIN)
+
+    def one_row(self, weight_shape) -> str | None:
+        """"own" or "row-major" where decided for one-row calls of this shape, else None. A
+        forced kernel (TRANSLATE_KERNEL) serves them too."""
+        return "own" if self.forced else self.table.get(self.one_row_key(weight_shape))
+
+    @staticmethod
+    def one_row_key(weight_shape) -> str:
+        return f"{weight_shape[0]}x{weight_shape[1]}@one-row"
+
+    def compare_one_row(self, weight_shape, own_s: float, row_major_s: float) -> None:
+        """One timed pair of a layer's one-row calls; after LAYOUT_PAIRS of the shape, the
+        row-major copy is kept where it took less than 1 / ROW_MAJOR_WIN of the own way's time."""
+        self.compare(self.one_row_key(weight_shape), own_s, row_major_s, ONE_ROW, ROW_MAJOR_WIN)
+
+    def compare(self, key: str, first_s: float, second_s: float, names: tuple[str, str],
+                margin: float) -> None:
+        """One timed pair of calls of the two ways `names` of `key`; after LAYOUT_PAIRS, the
+        first is kept unless the second took less than 1 / margin of its time (median)."""
         ratios = self.ratios.setdefault(key, [])
-        ratios.append(packed_s / plain_s)
+        ratios.append(first_s / second_s)
         self.save_trials_at_exit()
         if len(ratios) >= LAYOUT_PAIRS:
             del self.ratios[key]
-            self.keep(key, "packed" if statistics.median(ratios) < LAYOUT_MARGIN else "plain")
+            self.keep(key, names[0] if statistics.median(ratios) < margin else names[1])
 
     def save_trials_at_exit(self) -> None:
         if not self.saves_at_exit and self.path is not None:

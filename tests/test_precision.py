@@ -434,6 +434,64 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
         assert kernels.Chooser(chooser.path).layout((200, 48)) == layout  # kept
 
 
+@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (3, 48), (2, 3, 48), (0, 48)])
+@pytest.mark.parametrize("out", [200, 203, 3])  # blocks that divide it, overlap, or too few rows
+def test_row_blocks_computes_the_layer_from_the_row_major_matrix(shape, out):
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, out), torch.randn(shape)
+    with torch.inference_mode():
+        for bias in (linear.bias, None):
+            torch.testing.assert_close(kernels.row_blocks(x, linear.weight, bias),
+                                       nn.functional.linear(x, linear.weight, bias),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["plain", pytest.param("packed", marks=needs_packing)])
+def test_one_row_calls_try_a_row_major_copy_and_every_layer_follows_the_choice(
+        layout, tmp_path, monkeypatch):
+    """Once a shape's own way is settled, its layers' one-row calls alternate between it and a
+    row-major copy, computing the layer all along; their pairs decide the shape's one-row way,
+    and every layer follows it: a copy of its own, or none (the trial's freed). Calls of more
+    rows never read the copy."""
+    one_row_calls = []
+
+    def row_blocks(x, weight, bias):
+        one_row_calls.append(kernels.rows(x))
+        return kernels.F.linear(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "row_blocks", row_blocks)
+    monkeypatch.setattr(kernels, "busy", lambda threads: False)
+    for ratio, way in ((1.05, "own"), (1.5, "row-major")):
+        chooser = kernels.Chooser(tmp_path / f"{layout}-{way}.json")
+        chooser.table.update({"200x48@layout": layout, "200x48@1": "mkl"})
+        monkeypatch.setitem(kernels._choosers, "float32", chooser)
+        compared = []
+        monkeypatch.setattr(chooser, "compare_one_row", lambda shape, own_s, row_major_s,
+                            c=chooser: compared.append(shape) or kernels.Chooser.compare_one_row(
+                                c, shape, ratio * row_major_s, row_major_s))
+        torch.manual_seed(0)
+        linear, x, x4 = nn.Linear(48, 200), torch.randn(1, 1, 48), torch.randn(4, 48)
+        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
+        with torch.inference_mode():
+            for _ in range(2 * kernels.LAYOUT_PAIRS + 2):  # pairs after a first untimed one
+                if chooser.one_row((200, 48)) is not None:
+                    break
+                for layer in layers:
+                    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+                if chooser.one_row((200, 48)) is None:  # a few layers try, holding both
+                    holding = sum(layer.row_major is not None for layer in layers)
+                    assert holding == kernels.LAYOUT_LAYERS
+            for layer in layers:
+                torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(layer(x4), linear(x4), rtol=1e-5, atol=1e-5)
+                assert (layer.row_major is not None) == (way == "row-major")
+                if layer.row_major is not None:
+                    assert torch.equal(layer.row_major, linear.weight)
+        assert len(compared) == kernels.LAYOUT_PAIRS
+        assert kernels.Chooser(chooser.path).one_row((200, 48)) == way  # kept
+    assert set(one_row_calls) == {1}
+
+
 @needs_packing
 def test_a_layer_of_a_shape_kept_packed_packs_at_load_and_saves_the_same_matrix(
         model_dir, model, tokenizer, tmp_path, monkeypatch):
