@@ -125,6 +125,20 @@ def test_beam_steps_reuse_the_cache_memory():
     assert len(seen[1]) == 2 * len(model.decoder) + 1
 
 
+def test_a_reorder_lays_the_cache_out_tight_for_the_next_step():
+    """After beams move, each layer's self-attention K/V for the next step sit in one stretch
+    of memory, no gap between one (row, head)'s positions and the next's: attention reads
+    them 2-3x faster than a buffer's first positions."""
+    model = tiny_model(V)
+    src, mask = batch([5, 6], seed=4)
+    cache = model.new_cache(model.encode(src, mask), mask, group=2)
+    for t in range(20):  # past the first buffer's capacity (16)
+        logits, cache = model.decode_step(torch.full((4,), 7 + t), cache)
+        cache = cache.reorder(torch.tensor([1, 0, 3, 2]))
+        for buffer in [*cache.self_k, *cache.self_v]:  # the positions so far and the next's
+            assert buffer.is_contiguous() and buffer.size(2) == cache.length + 1 == t + 2
+
+
 def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
     """Rows grouped per sentence (beams) read one copy of the sentence's cross-attention K/V:
     over more steps than the first cache buffer holds, with beams swapping and a sentence
