@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.cache import KVCache
+from core.cache import KVCache, outside_heap
 from core.config import ModelConfig
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
@@ -367,7 +367,8 @@ class Transformer(nn.Module):
             # matrix products, so every step would copy them (14% of a 32-sentence batch's time)
             cross_k.append(k.contiguous())
             cross_v.append(v.contiguous())
-        buffers = [memory.new_empty(B * group, H, 16, D // H) for _ in range(2 * len(self.decoder))]
+        buffers = [outside_heap((B * group, H, 16, D // H), memory)
+                   for _ in range(2 * len(self.decoder))]
         return KVCache(self_k=buffers[0::2], self_v=buffers[1::2], cross_k=cross_k,
                        cross_v=cross_v, memory_mask=mask, group=group,
                        cross_bias=cross_bias if fold else None)
