@@ -401,6 +401,30 @@ def test_kernels_are_tried_on_real_calls_and_the_fastest_kept(tmp_path, two_kern
 needs_packing = pytest.mark.skipif(not kernels.PACKABLE, reason="torch has no oneDNN here")
 
 
+def rigged(monkeypatch, chooser, method, ratio: float) -> list:
+    """`chooser`'s pairwise trial `method` sees every pair's first call take `ratio` times the
+    second's time; returns the list of the shapes it is called for."""
+    compared, real = [], getattr(kernels.Chooser, method)
+    monkeypatch.setattr(chooser, method, lambda shape, first_s, second_s: compared.append(
+        shape) or real(chooser, shape, ratio * second_s, second_s))
+    return compared
+
+
+def layers_after_a_trial(linear, x, decision, holds_both) -> list[TunedLinear]:
+    """Six TunedLinear copies of `linear`, each called on x (and checked against `linear`) until
+    `decision()` is made; meanwhile the first LAYOUT_LAYERS take part, holding both forms."""
+    layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
+    for _ in range(2 * kernels.LAYOUT_PAIRS + 2):  # a pair per two calls, after an untimed one
+        if decision() is not None:
+            return layers
+        for layer in layers:
+            torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        if decision() is None:
+            assert sum(map(holds_both, layers)) == kernels.LAYOUT_LAYERS
+    assert decision() is not None
+    return layers
+
+
 @needs_packing
 def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypatch):
     """Once its kernel is chosen, a layer alternates between its plain weight and a packed
@@ -412,20 +436,12 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
         chooser.table["200x48@4"] = "mkl"  # the kernel chosen: the layout trial may start
         monkeypatch.setitem(kernels._choosers, "float32", chooser)
         monkeypatch.setattr(kernels, "busy", lambda threads: False)
-        compared = []
-        monkeypatch.setattr(chooser, "compare_layouts", lambda shape, p, q, c=chooser:
-                            compared.append(shape) or kernels.Chooser.compare_layouts(
-                                c, shape, ratio * q, q))
+        compared = rigged(monkeypatch, chooser, "compare_layouts", ratio)
         torch.manual_seed(0)
         linear, x = nn.Linear(48, 200), torch.randn(4, 48)
-        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
         with torch.inference_mode():
-            while chooser.layout((200, 48)) is None:
-                for layer in layers:
-                    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-                if chooser.layout((200, 48)) is None:  # a few layers try, holding both
-                    holding = sum(layer.packed is not None for layer in layers)
-                    assert holding == kernels.LAYOUT_LAYERS
+            layers = layers_after_a_trial(linear, x, lambda: chooser.layout((200, 48)),
+                                          lambda layer: layer.packed is not None)
             for layer in layers:
                 torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 assert (layer.weight is None) == (layout == "packed")
@@ -465,22 +481,12 @@ def test_one_row_calls_try_a_row_major_copy_and_every_layer_follows_the_choice(
         chooser = kernels.Chooser(tmp_path / f"{layout}-{way}.json")
         chooser.table.update({"200x48@layout": layout, "200x48@1": "mkl"})
         monkeypatch.setitem(kernels._choosers, "float32", chooser)
-        compared = []
-        monkeypatch.setattr(chooser, "compare_one_row", lambda shape, own_s, row_major_s,
-                            c=chooser: compared.append(shape) or kernels.Chooser.compare_one_row(
-                                c, shape, ratio * row_major_s, row_major_s))
+        compared = rigged(monkeypatch, chooser, "compare_one_row", ratio)
         torch.manual_seed(0)
         linear, x, x4 = nn.Linear(48, 200), torch.randn(1, 1, 48), torch.randn(4, 48)
-        layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
         with torch.inference_mode():
-            for _ in range(2 * kernels.LAYOUT_PAIRS + 2):  # pairs after a first untimed one
-                if chooser.one_row((200, 48)) is not None:
-                    break
-                for layer in layers:
-                    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-                if chooser.one_row((200, 48)) is None:  # a few layers try, holding both
-                    holding = sum(layer.row_major is not None for layer in layers)
-                    assert holding == kernels.LAYOUT_LAYERS
+            layers = layers_after_a_trial(linear, x, lambda: chooser.one_row((200, 48)),
+                                          lambda layer: layer.row_major is not None)
             for layer in layers:
                 torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(layer(x4), linear(x4), rtol=1e-5, atol=1e-5)
