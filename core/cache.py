@@ -96,14 +96,13 @@ class KVCache:
         positions: 0.65 ms, over 16 of 17: 0.21).
 
         Each layer is copied into the spare storage, and its old one becomes the spare for the
-        next: a beam search step seldom allocates here (a new storage has room for as many
-        positions again), and the heap is not churned by a dozen fresh 8 MB buffers a step
-        (glibc keeps what that fragments: 40-50 MB of peak memory for 128 beam rows of a
-        6-layer, 512-wide decoder)."""
+        next: a beam search step seldom makes a storage here (a new one has room for as many
+        positions again), where a dozen fresh 8 MB buffers a step (128 beam rows of a 6-layer,
+        512-wide decoder) would each be paged in anew."""
         t, picked = self.length, []
         while buffers:
             buffer = buffers.pop(0)
-            N, H, _, Dh = buffer.shape
+            _, H, _, Dh = buffer.shape
             out = self.spare_as((rows.numel(), H, t + 1, Dh), buffer)  # (N', H, t + 1, Dh)
             with torch.no_grad():  # out= copies cannot be differentiated; a cache needs not
                 torch.index_select(buffer[:, :, :t], 0, rows, out=out[:, :, :t])

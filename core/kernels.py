@@ -109,11 +109,12 @@ def row_blocks(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int = 4) 
     """x W^T + b for a row-major W (out, in), as one batched product of `blocks` blocks of W's
     rows by x: each block is one stretch of memory that a thread streams whole, where every
     kernel on the column-major or packed weight reads short runs of it. Faster at one row
-    only (Zen 4 EPYC, 2 threads, cold, one row: 2048 x 512 0.13 ms, 512 x 2048 0.10, 512 x 512
-    0.032, against the best of the others 0.16-0.20, 0.17 and 0.065; at 4 rows 1.1-2.6x
-    slower than oneDNN's packed layout), so a layer holds a row-major copy for one-row calls
-    only where its shape's trial keeps one (core.precision.TunedLinear). Where the blocks do
-    not divide the rows, the last one starts a few rows early, as in split()."""
+    only (Zen 4 EPYC, 2 threads, cold, one row: 2048 x 512 0.12-0.14 ms, 512 x 2048 0.10-0.14,
+    512 x 512 0.032-0.042, against the best of the others' 0.15-0.16, 0.17-0.20 and
+    0.062-0.065; at 4 rows and more 1.1-2.8x slower than oneDNN's packed layout), so a layer
+    holds a row-major copy for one-row calls only where its shape's trial keeps one
+    (core.precision.TunedLinear). Where the blocks do not divide the rows, the last one starts
+    a few rows early, as in split()."""
     out_features, in_features = weight.shape
     if out_features < blocks:
         return F.linear(x, weight, bias)
