@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from core.errors import ModelError, TranslateError, UsageError
+from core.utf8 import Utf8Rule
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIALS = [PAD, UNK, BOS, EOS]  # ids 0..3 in vocabularies we train
@@ -112,6 +114,22 @@ class Tokenizer:
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
         return self.target.decode_batch(batch, skip_special_tokens=True)
 
+    @functools.cached_property
+    def utf8_rule(self) -> Utf8Rule | None:
+        """What keeps decoding to whole characters where target tokens are bytes (byte-level
+        BPE), so may split one; None where every token is whole text (SentencePiece)."""
+        if not isinstance(self.target.decoder, decoders.ByteLevel):
+            return None
+        byte_of = {char: byte for byte, char in enumerate(BYTE_CHARS)}
+        added = self.target.get_added_tokens_decoder()  # id -> AddedToken
+        pieces: list[bytes | None] = [None] * self.target.get_vocab_size()
+        for piece, i in self.vocab.items():
+            if i in added:  # added tokens decode as they are written; special ones to nothing
+                pieces[i] = None if added[i].special else added[i].content.encode()
+            else:
+                pieces[i] = bytes(byte_of[char] for char in piece)
+        return Utf8Rule(pieces, self.eos_id)
+
 
 def read(path: Path) -> HFTokenizer:
     try:
@@ -120,6 +138,17 @@ def read(path: Path) -> HFTokenizer:
         if not Path(path).is_file():
             raise ModelError(f"{path} is missing") from None
         raise ModelError(f"{path} is not a valid tokenizer file ({exc})") from None
+
+
+def byte_chars() -> str:
+    """The character ByteLevel writes for each byte 0-255 (GPT-2's table): printable Latin-1
+    stands for itself, every other byte for 256 + its rank among them."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = iter(range(256, 512))
+    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
+
+
+BYTE_CHARS = byte_chars()
 
 
 def new_bpe() -> HFTokenizer:

@@ -306,7 +306,8 @@ class Translator:
         for step in generate(self.model, src, mask, strategy,
                              max_length=torch.tensor(limits, device=self.device),
                              min_length=options.min_length,
-                             no_repeat_ngram=options.no_repeat_ngram):
+                             no_repeat_ngram=options.no_repeat_ngram,
+                             utf8=self.tokenizer.utf8_rule):
             yield from step.finished.items()
 
     def text(self, tokens: list[int]) -> str:
@@ -343,7 +344,8 @@ class Translator:
             src, mask = self.pad([ids])
             for step in generate(self.model, src, mask, strategy, max_length=opts.limit(len(ids)),
                                  min_length=opts.min_length,
-                                 no_repeat_ngram=opts.no_repeat_ngram):
+                                 no_repeat_ngram=opts.no_repeat_ngram,
+                                 utf8=self.tokenizer.utf8_rule):
                 piece = detok.add(step.committed.get(0, []))
                 if piece:
                     yield safe(piece)

@@ -23,6 +23,7 @@ from core.generate import generate
 from core.search import (NEG_INF, BeamSearch, DecodeOptions, Hypothesis, Sampling, Step,
                          largest, length_penalty, temperature, top_k, top_p)
 from core.translator import Translator
+from core.utf8 import Utf8Rule
 
 # ---- a scripted fake model ------------------------------------------------------------------
 
@@ -116,10 +117,10 @@ def log(*probs: float) -> float:
 
 # ---- running the decoding loop --------------------------------------------------------------
 
-def decode(model, src, mask, strategy, *, max_length: int, min_length: int = 0):
+def decode(model, src, mask, strategy, *, max_length: int, min_length: int = 0, utf8=None):
     """All steps of one `generate` run, and each sentence's n-best list."""
     steps: list[Step] = list(generate(model, src, mask, strategy, max_length=max_length,
-                                      min_length=min_length))
+                                      min_length=min_length, utf8=utf8))
     finished: dict[int, list[Hypothesis]] = {}
     for step in steps:
         assert not finished.keys() & step.finished.keys(), "a sentence finished twice"
@@ -128,10 +129,11 @@ def decode(model, src, mask, strategy, *, max_length: int, min_length: int = 0):
     return steps, finished
 
 
-def scripted(*scripts: Script, strategy, max_length: int = MAX_LENGTH, min_length: int = 0):
+def scripted(*scripts: Script, strategy, max_length: int = MAX_LENGTH, min_length: int = 0,
+             utf8=None):
     src = torch.arange(len(scripts))[:, None]
     return decode(ScriptedModel(*scripts), src, torch.ones_like(src, dtype=torch.bool), strategy,
-                  max_length=max_length, min_length=min_length)
+                  max_length=max_length, min_length=min_length, utf8=utf8)
 
 
 def beam(k: int, *, alpha: float = 0.0, n_best: int = 1, max_length: int = MAX_LENGTH):
@@ -300,6 +302,32 @@ def test_max_length_forces_eos_and_scores_it():
     assert [len(h.tokens) for h in out[0]] == [3, 3]
 
 
+# Byte tokens: B is the lead byte of "ä", whose second byte C is the least likely way on.
+UTF8_PIECES = [None, None, None, None, b"a", b"\xc3", b"\xa4", b"b", b"\xe2\x82", b"\xac"]
+SPLIT_CHARACTER = tree({(): {B: 0.9, A: 0.1}, (B,): {EOS: 0.5, D: 0.3, C: 0.2},
+                        (B, C): {EOS: 1.0}, (A,): {EOS: 1.0}})
+
+
+@pytest.mark.parametrize("strategy", [greedy, lambda: beam(2)], ids=["greedy", "beam"])
+def test_a_byte_level_rule_finishes_every_character(strategy):
+    """After a lead byte, only its continuation may follow, not EOS or another character, however
+    unlikely the model finds it; without the rule the output is broken UTF-8."""
+    utf8 = Utf8Rule(UTF8_PIECES, EOS)
+    _, out = scripted(SPLIT_CHARACTER, strategy=strategy(), utf8=utf8)
+    assert out[0][0].tokens == [B, C]  # "ä"
+    assert out[0][0].score == pytest.approx(log(0.9, 0.2, 1.0))
+    _, out = scripted(SPLIT_CHARACTER, strategy=strategy())
+    assert out[0][0].tokens == [B]
+
+
+def test_a_forced_end_may_still_split_a_character():
+    """At max_length EOS comes even mid-character: the limit wins over the rule."""
+    _, out = scripted(SPLIT_CHARACTER, strategy=greedy(), max_length=1,
+                      utf8=Utf8Rule(UTF8_PIECES, EOS))
+    assert out[0][0].tokens == [B]
+    assert out[0][0].score == pytest.approx(log(0.9, 0.5))
+
+
 class HeldLogits(ScriptedModel):
     """Notes, at each step, how many earlier steps' logits are still alive."""
 
@@ -393,6 +421,33 @@ def test_different_or_no_seeds_give_different_samples(model, tokenizer):
 
     assert len({sample(seed=s) for s in range(5)}) > 1
     assert len({sample() for _ in range(5)}) > 1
+
+
+def test_sampling_a_byte_level_vocabulary_gives_whole_characters(ending_model, tokenizer):
+    """Sampled freely, a random model splits characters between byte tokens (U+FFFD once
+    decoded); under the tokenizer's rule every translation that ends is whole UTF-8, and one
+    that the length limit cuts ends within one character at most."""
+    src, mask = source(tokenizer, LINES, ending_model)
+
+    def sample(utf8, seed):
+        options = DecodeOptions(strategy="sample", temperature=1.5, seed=seed)
+        _, out = decode(ending_model, src, mask, options.make(tokenizer.eos_id),
+                        max_length=RANDOM_MAX_LENGTH, utf8=utf8)
+        return [hyps[0].tokens for hyps in out.values()]
+
+    texts = [tokenizer.decode(t) for seed in range(3) for t in sample(None, seed)]
+    assert any("\ufffd" in text for text in texts)
+    ended = cut = 0
+    for seed in range(3):
+        for tokens in sample(tokenizer.utf8_rule, seed):
+            text = tokenizer.decode(tokens)
+            if len(tokens) < RANDOM_MAX_LENGTH:
+                assert "\ufffd" not in text
+                ended += 1
+            else:
+                assert "\ufffd" not in text[:-1]
+                cut += 1
+    assert ended and cut
 
 
 # ---- 4. logit transforms -------------------------------------------------------------------------
