@@ -121,13 +121,13 @@ class Tokenizer:
         if not isinstance(self.target.decoder, decoders.ByteLevel):
             return None
         byte_of = {char: byte for byte, char in enumerate(BYTE_CHARS)}
-        added = self.target.get_added_tokens_decoder()  # id -> AddedToken
-        pieces: list[bytes | None] = [None] * self.target.get_vocab_size()
+        special = {i for i, token in self.target.get_added_tokens_decoder().items()
+                   if token.special}
+        pieces: list[bytes | None] = [None] * self.target.get_vocab_size()  # special: nothing
         for piece, i in self.vocab.items():
-            if i in added:  # added tokens decode as they are written; special ones to nothing
-                pieces[i] = None if added[i].special else added[i].content.encode()
-            else:
-                pieces[i] = bytes(byte_of[char] for char in piece)
+            if i not in special:  # as ByteLevel decodes: its characters' bytes, if all have one
+                chars = [byte_of.get(char) for char in piece]
+                pieces[i] = piece.encode() if None in chars else bytes(chars)
         return Utf8Rule(pieces, self.eos_id)
 
 
