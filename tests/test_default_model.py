@@ -52,6 +52,18 @@ def test_every_sentence_of_a_line_comes_back(translator):
     assert sum(text.count(p) for p in ".!?") >= 3, text
 
 
+def test_sampled_translations_hold_whole_characters(translator):
+    """Sampled hot, the byte-level models once put U+FFFD into about a quarter of their lines
+    (a lead byte left without its continuation); now every character is whole."""
+    lines = {"en": ["Grüße aus Köln, sagte die Frau.", "The girl in the green dress is "
+                    "smiling.", "Two men are working on a roof.", "A woman buys fresh bread."],
+             "de": ["Größere Hunde laufen über die Straße.", "Ein Mädchen im grünen Kleid "
+                    "lächelt.", "Zwei Männer arbeiten auf einem Dach.", "Eine Frau kauft Brot."]}
+    texts = translator.translate(lines[translator.model.cfg.source_lang] * 5, strategy="sample",
+                                 temperature=1.5, seed=1, max_length=60)
+    assert not [text for text in texts if "\ufffd" in text]
+
+
 def test_spans_survive(translator):
     src = {"en": "Please send the report to anna.schmidt@example.com by 2024-05-01, see "
                  "https://example.com/q3 and `make report`.",
