@@ -109,10 +109,15 @@ class Tokenizer:
         return self.prefix, text
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.target.decode(list(ids), skip_special_tokens=True)
+        """Target ids -> text. Decoding keeps every character whole (utf8_rule) but one cut at
+        the length limit, whose start is dropped here rather than written as U+FFFD."""
+        ids = list(ids)
+        text = self.target.decode(ids, skip_special_tokens=True)
+        rule = self.utf8_rule if text.endswith("\ufffd") else None
+        return text[:-1] if rule is not None and rule.unfinished(ids) else text
 
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        return self.target.decode_batch(batch, skip_special_tokens=True)
+        return [self.decode(ids) for ids in batch]
 
     @functools.cached_property
     def utf8_rule(self) -> Utf8Rule | None:

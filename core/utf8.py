@@ -67,6 +67,7 @@ class Utf8Rule:
         allowed[~(allowed & has_bytes).any(1), eos_id] = True
         self.then, self.banned = then.clamp(min=START), ~allowed  # banned steps never taken
         self.banned_at_start = self.banned[START].nonzero()[:, 0]  # (K,)
+        self.pieces = pieces
 
     def start(self, rows: int, device: torch.device) -> Tensor:
         self.then, self.banned = self.then.to(device), self.banned.to(device)
@@ -85,6 +86,13 @@ class Utf8Rule:
         if within.numel():
             logprobs[within] = held.masked_fill_(self.banned[state[within]], float("-inf"))
         return logprobs  # (N, V)
+
+    def unfinished(self, tokens: list[int]) -> bool:
+        """Whether the bytes of `tokens` end within a character: with the start of one, well
+        formed but not whole (which a decoder writes as one U+FFFD)."""
+        tail = b"".join(self.pieces[t] or b"" for t in tokens)[-4:]
+        starts = [i for i, byte in enumerate(tail) if not 0x80 <= byte <= 0xBF]
+        return bool(starts) and after(START, tail[starts[-1]:]) not in (START, BAD)
 
     def advance(self, state: Tensor, tokens: Tensor) -> Tensor:
         """Each row's state (N,) after its next token (N,)."""

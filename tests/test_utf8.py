@@ -67,10 +67,11 @@ PIECES = [None, None, None, None,  # <pad> <unk> <s> </s>
 @given(st.lists(st.integers(4, len(PIECES) - 1), max_size=6))
 def test_the_rule_allows_a_token_exactly_where_the_bytes_stay_well_formed(tokens):
     """Walking any token sequence, the rule bans a token exactly when the bytes so far plus its
-    own could no longer be well-formed, and EOS exactly when they are not whole."""
+    own could no longer be well-formed, and EOS exactly when they are not whole (when they end
+    unfinished)."""
     rule = Utf8Rule(PIECES, EOS)
     state, text = rule.start(1, torch.device("cpu")), b""
-    for token in tokens:
+    for n, token in enumerate(tokens):
         logprobs = rule.ban(torch.zeros(1, len(PIECES)), state)
         for other, piece in enumerate(PIECES):
             if piece is not None:
@@ -82,6 +83,7 @@ def test_the_rule_allows_a_token_exactly_where_the_bytes_stay_well_formed(tokens
         text += PIECES[token]
         state = rule.advance(state, torch.tensor([token]))
         assert state.tolist() == [after(START, text)]
+        assert rule.unfinished(tokens[:n + 1]) == (state.item() != START)
 
 
 def test_a_state_no_token_continues_may_still_end():
@@ -104,7 +106,7 @@ def test_byte_level_pieces_are_the_bytes_each_token_decodes_to(tokenizer):
     assert rule is not None and rule.then.shape == (STATES, added.vocab_size)
     parts = 0
     for piece, i in added.vocab.items():
-        text = added.decode([i])
+        text = target.decode([i])  # the decoder itself: the wrapper drops unfinished characters
         if piece in SPECIALS:
             assert text == "" and rule.then[:, i].tolist() == list(range(STATES))
         else:
@@ -118,3 +120,16 @@ def test_whole_piece_vocabularies_need_no_rule(tokenizer):
     """SentencePiece (Marian) targets are whole strings: nothing to guard."""
     target = sentencepiece_decoder({"<pad>": 0, "<unk>": 1, "</s>": 2, "▁Grüße": 3}, SPECIALS)
     assert Tokenizer(tokenizer.source, target).utf8_rule is None
+
+
+def test_a_translation_cut_within_a_character_loses_that_character_not_its_text(tokenizer):
+    """Decoding drops the unfinished last character of a cut translation, which the decoder
+    alone writes as U+FFFD, and keeps a U+FFFD the text itself holds."""
+    ids = tokenizer.encode("Grüße aus Köln")[:-1]  # without EOS
+    raw = [tokenizer.target.decode(ids[:n]) for n in range(len(ids) + 1)]
+    cuts = [n for n, text in enumerate(raw) if text.endswith("\ufffd")]
+    assert cuts  # the test vocabulary splits ü, ß or ö somewhere
+    for n in cuts:
+        assert tokenizer.decode(ids[:n]) == raw[n][:-1]
+        assert "\ufffd" not in tokenizer.decode(ids[:n])
+    assert tokenizer.decode(tokenizer.encode("kaputt \ufffd")) == "kaputt \ufffd"
