@@ -5,7 +5,8 @@ token of its own), so a decoder may pick a lead byte and then a token that does 
 it. Decoded, that is U+FFFD in the middle of a translation; sampling does it often enough to
 see. `Utf8Rule` bans, at each step, every token whose bytes could not follow the row's bytes so
 far in well-formed UTF-8 (Unicode's Table 3-7: no stray continuation bytes, overlong forms,
-surrogates or code points past U+10FFFF), and ends a row only after a whole character."""
+surrogates or code points past U+10FFFF), and ends a row only after a whole character; only
+a row cut at its length limit can end within one, which `unfinished()` tells the tokenizer."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def next_state(state: int, byte: int) -> int:
 
 
 def after(state: int, piece: bytes) -> int:
+    """The state after all of `piece`'s bytes (BAD from the first that cannot come)."""
     for byte in piece:
         state = next_state(state, byte)
         if state == BAD:
