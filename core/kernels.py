@@ -26,7 +26,7 @@ product reads faster at a few rows and more), is tried the same way on their cal
 shape's kernel is chosen (core.precision.TunedLinear) and kept in the same file.
 
 Calls with one row (a decoding step of one sentence, greedily or sampled) may go instead to
-row_blocks() on a row-major copy of the matrix, tried in pairs of calls against the layer's own
+RowBlocks over a row-major copy of the matrix, tried in pairs of calls against the layer's own
 way the same way and kept per shape only where it wins (core.precision.TunedLinear).
 
 The tied output layer (core.precision.TiedOutput) chooses the same way per row count, in a
@@ -111,32 +111,42 @@ def split(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int) -> Tensor
     return out.view(*x.shape[:-1], out_features)  # (..., out)
 
 
-def row_blocks(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: int = 4) -> Tensor:
+class RowBlocks:
     """x W^T + b for a row-major W (out, in), as one batched product of `blocks` blocks of W's
     rows by x: each block is one stretch of memory that a thread streams whole, where every
     kernel on the column-major or packed weight reads short runs of it. Faster at one row
     only (Zen 4 EPYC, 2 threads, cold, one row: 2048 x 512 0.12-0.14 ms, 512 x 2048 0.10-0.14,
     512 x 512 0.032-0.042, against the best of the others' 0.15-0.16, 0.17-0.20 and
     0.062-0.065; at 4 rows and more 1.1-2.8x slower than oneDNN's packed layout), so a layer
-    holds a row-major copy for one-row calls only where its shape's trial keeps one
+    holds one for one-row calls only where its shape's trial keeps it
     (core.precision.TunedLinear). The blocks are block_rows()'s. The orientation matters:
     split() over the same row-major blocks, x times each block transposed, took 1.07-2.2x as
-    long."""
-    out_features, in_features = weight.shape
-    if out_features < blocks:
-        return F.linear(x, weight, bias)
-    step, size = block_rows(out_features, blocks)
-    w = weight.as_strided((blocks, size, in_features), (step * in_features, in_features, 1))
-    x2 = x.reshape(-1, in_features)  # (R, in)
-    xs = x2.t().expand(blocks, *x2.t().shape)  # (G, in, R)
-    if bias is None:
-        y = torch.bmm(w, xs)  # (G, size, R)
-    else:
-        y = torch.baddbmm(bias.as_strided((blocks, size, 1), (step, 1, 0)), w, xs)
-    if size != step:
-        y = torch.cat([*y[:-1, :step], y[-1]])[None]  # (1, out, R)
-    out = y.permute(2, 0, 1).reshape(x2.size(0), out_features)  # (R, out)
-    return out.view(*x.shape[:-1], out_features)  # (..., out)
+    long.
+
+    The blocks' views are made once: made at each call, they and the rest of its set-up took
+    10 us of a 512 x 512 call's 26 (now 3 of 23; float32 W1 1.01-1.04x, one process switching
+    between the two)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, blocks: int = 4):
+        self.weight, self.bias = weight, bias  # (out, in) row-major, (out,)
+        out_features, in_features = weight.shape
+        self.blocks = min(blocks, out_features)
+        self.step, self.size = block_rows(out_features, self.blocks)
+        self.w = weight.as_strided((self.blocks, self.size, in_features),
+                                   (self.step * in_features, in_features, 1))  # (G, size, in)
+        self.b = None if bias is None else bias.as_strided(
+            (self.blocks, self.size, 1), (self.step, 1, 0))  # (G, size, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out_features, in_features = self.weight.shape
+        x2 = x.reshape(-1, in_features)  # (R, in)
+        xs = x2.t().expand(self.blocks, in_features, x2.size(0))  # (G, in, R)
+        y = torch.bmm(self.w, xs) if self.b is None else torch.baddbmm(self.b, self.w, xs)
+        if self.size != self.step:  # (G, size, R); the last block overlaps its neighbour
+            y = torch.cat([*y[:-1, :self.step], y[-1]])[None]  # (1, out, R)
+        if x2.size(0) > 1:
+            y = y.permute(2, 0, 1)  # (R, G, size): one row's output, block after block
+        return y.reshape(*x.shape[:-1], out_features)  # (..., out)
 
 
 # the batched product in 2 blocks (one per thread of two) and in 8 (smaller pieces: for some
@@ -155,7 +165,7 @@ LAYOUT_PAIRS = 16  # timed pairs of calls (packed, plain) that decide a shape's 
 # of each other at one row (2048 x 512: plain 0.183 ms, packed 0.202) while packed takes
 # 0.59-0.73 of plain's time at 4 and 32 rows
 LAYOUT_MARGIN = 1.1
-# a layer's calls with one row: its own way (kernel and layout as chosen) or row_blocks() on a
+# a layer's calls with one row: its own way (kernel and layout as chosen) or RowBlocks over a
 # row-major copy, which must win by ROW_MAJOR_WIN: it holds the matrix a second time
 ONE_ROW = ("own", "row-major")
 ROW_MAJOR_WIN = 1.1

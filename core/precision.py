@@ -266,7 +266,7 @@ class TunedLinear(nn.Module):
     of the shape follows it. A kept "packed" packs at load, so that forked workers share the
     packed weights.
 
-    Calls with one row then try the layer's own way against kernels.row_blocks() on a row-major
+    Calls with one row then try the layer's own way against kernels.RowBlocks over a row-major
     copy of its matrix the same way, and where the copy wins (kernels.ROW_MAJOR_WIN), every
     layer of the shape makes one on its first one-row call and keeps it: a second copy of the
     matrix, held only by the layers of a process that decodes one row at a time (the decoder,
@@ -286,7 +286,7 @@ class TunedLinear(nn.Module):
         self.trying: dict[int, bool] = {}  # row bucket: whether this layer takes part
         self.one_row: str | None = None  # how one-row calls go, once the shape's trial is over
         self.one_row_trial: bool | None = None  # whether this layer takes part in it
-        self.row_major: Tensor | None = None  # the matrix row-major, for one-row calls
+        self.row_major: kernels.RowBlocks | None = None  # over the matrix row-major: one row
         self.one_row_calls, self.own_s = 0, 0.0  # the one-row trial's calls, and the last
         # call of the own way's seconds
         if kernels.PACKABLE and kernels.chooser().layout(self.shape) == "packed":
@@ -310,7 +310,7 @@ class TunedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.one_row != "own" and kernels.rows(x) == 1:
             if self.one_row == "row-major":
-                return kernels.row_blocks(x, self.row_major, self.bias)  # (..., out)
+                return self.row_major(x)  # (..., out)
             return self.at_one_row(x)
         return self.own(x)
 
@@ -368,8 +368,10 @@ class TunedLinear(nn.Module):
                 return self.try_one_row(x)
         return self.own(x)
 
-    def row_major_copy(self) -> Tensor:
-        return self.row_major if self.row_major is not None else self.matrix().contiguous()
+    def row_major_copy(self) -> kernels.RowBlocks:
+        if self.row_major is not None:
+            return self.row_major
+        return kernels.RowBlocks(self.matrix().contiguous(), self.bias)
 
     def try_one_row(self, x: Tensor) -> Tensor:
         """A call of the one-row trial: the own way and the row-major copy in turn, timed; each
@@ -381,7 +383,7 @@ class TunedLinear(nn.Module):
             out = self.own(x)
             self.own_s = time.perf_counter() - start
         else:
-            out = kernels.row_blocks(x, self.row_major, self.bias)
+            out = self.row_major(x)
             if self.one_row_calls > 2:
                 kernels.chooser().compare_one_row(self.shape, self.own_s,
                                                   time.perf_counter() - start)

@@ -457,7 +457,7 @@ def test_row_blocks_computes_the_layer_from_the_row_major_matrix(shape, out):
     linear, x = nn.Linear(48, out), torch.randn(shape)
     with torch.inference_mode():
         for bias in (linear.bias, None):
-            torch.testing.assert_close(kernels.row_blocks(x, linear.weight, bias),
+            torch.testing.assert_close(kernels.RowBlocks(linear.weight, bias)(x),
                                        nn.functional.linear(x, linear.weight, bias),
                                        rtol=1e-5, atol=1e-5)
 
@@ -471,11 +471,11 @@ def test_one_row_calls_try_a_row_major_copy_and_every_layer_follows_the_choice(
     rows never read the copy."""
     one_row_calls = []
 
-    def row_blocks(x, weight, bias):
+    def row_blocks(self, x):
         one_row_calls.append(kernels.rows(x))
-        return kernels.F.linear(x, weight, bias)
+        return kernels.F.linear(x, self.weight, self.bias)
 
-    monkeypatch.setattr(kernels, "row_blocks", row_blocks)
+    monkeypatch.setattr(kernels.RowBlocks, "__call__", row_blocks)
     monkeypatch.setattr(kernels, "busy", lambda threads: False)
     for ratio, way in ((1.05, "own"), (1.5, "row-major")):
         chooser = kernels.Chooser(tmp_path / f"{layout}-{way}.json")
@@ -492,7 +492,7 @@ def test_one_row_calls_try_a_row_major_copy_and_every_layer_follows_the_choice(
                 torch.testing.assert_close(layer(x4), linear(x4), rtol=1e-5, atol=1e-5)
                 assert (layer.row_major is not None) == (way == "row-major")
                 if layer.row_major is not None:
-                    assert torch.equal(layer.row_major, linear.weight)
+                    assert torch.equal(layer.row_major.weight, linear.weight)
         assert len(compared) == kernels.LAYOUT_PAIRS
         assert kernels.Chooser(chooser.path).one_row((200, 48)) == way  # kept
     assert set(one_row_calls) == {1}
