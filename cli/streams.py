@@ -16,9 +16,13 @@ from typing import BinaryIO, TextIO
 from core.errors import UsageError
 
 
+BOM = "\ufeff".encode()  # UTF-8's byte order mark, which Windows editors put first
+
+
 class Lines:
-    """The lines of a binary stream without their line endings (\\n or \\r\\n), the last one
-    even without a newline; invalid UTF-8 is replaced, and `on_invalid(line_number)` is told.
+    """The lines of a binary stream without their line endings (\\n or \\r\\n) or a first
+    byte order mark, the last one even without a newline; invalid UTF-8 is replaced, and
+    `on_invalid(line_number)` is told.
 
     `ready()` says whether another line can be had without waiting, so that a consumer can
     translate what has arrived when a slow writer pauses (`tail -f log | translate`) and still
@@ -56,6 +60,8 @@ class Lines:
         raw = self.pending.popleft()
         raw = raw[:-1] if raw.endswith(b"\r") else raw
         self.number += 1
+        if self.number == 1 and raw.startswith(BOM):  # a mark of the encoding, not text: the
+            raw = raw[len(BOM):]  # models would translate it (en-de gave U+FFFD for it)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:

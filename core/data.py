@@ -14,7 +14,8 @@ from core.errors import DataError
 def open_text(path: Path):
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    return opener(path, "rt", encoding="utf-8", errors="replace", newline="\n")
+    # utf-8-sig: a first byte order mark (Windows editors write one) is dropped, not read as text
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="\n")
 
 
 def read_lines(path: Path) -> list[str]:

@@ -5,6 +5,7 @@ signals and pipes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -60,6 +61,29 @@ def test_n_lines_in_n_lines_out(model_dir, lines, final_newline):
     for source, translation in zip(lines, out):
         if not source.strip():
             assert translation == source
+
+
+def test_a_byte_order_mark_begins_no_translation(model_dir, tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF, which the models would translate (en-de
+    made it U+FFFD): dropped at the start of stdin or a file, kept as text elsewhere."""
+    src = tmp_path / "notes.txt"
+    src.write_bytes(b"\xef\xbb\xbfTwo dogs.\r\n\xef\xbb\xbfA man.\r\n")
+    for result in (run(model_dir, "--format", "jsonl", input=src.read_bytes()),
+                   run(model_dir, "--format", "jsonl", "-i", src)):
+        assert result.exit_code == 0, result.stderr
+        sources = [json.loads(line)["source"] for line in output_lines(result.stdout)]
+        assert sources == ["Two dogs.", "\ufeffA man."]
+
+
+def test_evaluation_files_lose_their_byte_order_mark(tmp_path):
+    """translate eval reads sources and references, plain or gzipped, without it."""
+    from core.data import read_lines
+
+    data = "\ufeffEin Hund.\nZwei.\n".encode()
+    (tmp_path / "ref.de").write_bytes(data)
+    (tmp_path / "ref.de.gz").write_bytes(gzip.compress(data))
+    for name in ("ref.de", "ref.de.gz"):
+        assert read_lines(tmp_path / name) == ["Ein Hund.", "Zwei."]
 
 
 def test_invalid_utf8_is_replaced_with_one_warning(model_dir):
