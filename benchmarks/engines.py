@@ -122,6 +122,9 @@ def load_ct2(mode: str, beam: int, single: bool = False) -> Runner:
 
 
 def load_ours(mode: str, beam: int, single: bool = False) -> Runner:
+    from core.machine import reuse_freed_memory
+
+    reuse_freed_memory()  # the process setting the command line makes
     torch = torch_threads()
     from core import checkpoint
     from core.generate import generate

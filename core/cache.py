@@ -17,16 +17,24 @@ def is_identity(index: Tensor, n: int) -> bool:
 
 def outside_heap(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised contiguous tensor of `shape`, `like`'s dtype and device; on the CPU in
-    an anonymous mapping of its own, in 2 MB pages where Linux gives them on request, which
-    returns to the system whole when freed. In the heap, the cache's buffers, made and freed at
-    other moments than a step's other tensors, leave holes that glibc keeps: for 128 beam rows
-    of a 6-layer, 512-wide decoder, 50-90 MB more peak memory (Zen 4 EPYC, int8, four passes of
-    W4 of benchmarks/: 708-727 MB in the heap, 601-667 outside; 623-651 before a reorder laid the
-    cache out tight), at the same speed (one process switching: W4 0.989x, W3 1.012x)."""
+    a private anonymous mapping of its own, in 2 MB pages where Linux gives them on request,
+    which returns to the system whole when freed. In the heap, the cache's buffers, made and
+    freed at other moments than a step's other tensors, leave holes that glibc keeps: for 128
+    beam rows of a 6-layer, 512-wide decoder, 50-90 MB more peak memory (Zen 4 EPYC, int8, four
+    passes of W4 of benchmarks/: 708-727 MB in the heap, 601-667 outside; 623-651 before a
+    reorder laid the cache out tight), at the same speed (one process switching: W4 0.989x, W3
+    1.012x). Private, not mmap's default of shared: shared anonymous memory is shmem, which
+    Linux gives no 2 MB pages unless configured to (shmem_enabled), and whose 4 KB faults cost
+    more (int8 W4, one thread, one process switching: page faults 196k a pass shared, 87k
+    private, 1.06x as fast)."""
     numel = math.prod(shape)
     if like.device.type != "cpu" or numel == 0:
         return like.new_empty(shape)
-    memory = mmap.mmap(-1, numel * like.element_size())
+    if hasattr(mmap, "MAP_PRIVATE"):
+        memory = mmap.mmap(-1, numel * like.element_size(),
+                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # Windows: no flags, and no huge pages on request
+        memory = mmap.mmap(-1, numel * like.element_size())
     if hasattr(mmap, "MADV_HUGEPAGE"):  # fresh pages come zeroed: 2 MB ones fault 512x less
         memory.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(memory, dtype=like.dtype).view(shape)

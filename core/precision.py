@@ -13,7 +13,6 @@ and int8 dot products where the CPU has them."""
 from __future__ import annotations
 
 import ctypes
-import functools
 import time
 import warnings
 from contextlib import contextmanager
@@ -599,7 +598,7 @@ def column_major_in_huge_pages(weight: Tensor) -> Tensor:
     miss every 4 KB of it (opus-mt's 58k x 512 matrix, one sentence greedily, Zen 4 EPYC:
     1.014x, 1.019x, 1.053x and 1.059x, one process switching between two copies)."""
     copy = weight.new_empty(weight.shape[::-1])  # (in, out)
-    libc, huge = _libc(), 2 << 20
+    libc, huge = machine.glibc(), 2 << 20
     start = -(-copy.data_ptr() // huge) * huge  # the whole 2 MB pages inside the copy
     end = (copy.data_ptr() + copy.numel() * copy.element_size()) // huge * huge
     if libc is not None and end > start:  # before any page is touched; a refusal changes nothing
@@ -611,16 +610,6 @@ def give_back_memory() -> None:
     """Return freed memory to the OS now. glibc keeps freed heap memory for reuse, and the
     float32 tensors freed between int8 layers fragment it so that it is not reused: the peak
     would grow by a third of the float32 model. About a millisecond a call."""
-    libc = _libc()
+    libc = machine.glibc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    """glibc (malloc_trim, madvise), or None where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "madvise") else None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -709,6 +710,41 @@ def test_threads_sleep_between_regions_only_when_others_are_at_work(monkeypatch)
     idle = {}
     machine.calm_threads_when_busy(idle)
     assert idle == {}
+
+
+def test_freed_blocks_are_kept_for_reuse_unless_the_user_set_glibc_up(monkeypatch):
+    """The command line keeps blocks of up to 32 MB in the heap and its top up to 64 MB, so a
+    step's large tensors reuse the last step's pages; a user's MALLOC_* settings win."""
+    calls = []
+
+    class Glibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(machine, "glibc", Glibc)
+    machine.reuse_freed_memory({})
+    assert calls == [(machine.M_MMAP_THRESHOLD, 32 << 20), (machine.M_TRIM_THRESHOLD, 64 << 20)]
+    calls.clear()
+    for chosen in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        machine.reuse_freed_memory({chosen: "131072"})
+    assert calls == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's accounting")
+def test_the_cache_buffers_are_private_memory_not_shared():
+    """Shared anonymous memory is shmem, which Linux gives no 2 MB pages by default and whose
+    faults cost more: the KV cache's buffers are private to the process."""
+    from core.cache import outside_heap
+
+    def shmem_kib():
+        status = Path("/proc/self/status").read_text().splitlines()
+        return sum(int(line.split()[1]) for line in status if line.startswith("RssShmem:"))
+
+    before = shmem_kib()
+    buffer = outside_heap((4 << 20,), torch.empty(0)).fill_(1.0)  # 16 MB, every page touched
+    assert shmem_kib() - before < 1024
+    assert buffer.sum().item() == 4 << 20
 
 
 def test_a_forced_kernel_must_exist(monkeypatch):
