@@ -23,7 +23,7 @@ from cli.console import BROKEN_PIPE, err, fail, report_invalid
 from cli.engine import engine, make_router, settled
 from cli.render import format_result, progress_bar, write_line
 from cli.streams import check_output, count_lines, is_stdout, open_input, open_output
-from core.machine import calm_threads_when_busy, reuse_freed_memory
+from core.machine import calm_threads_when_busy
 
 
 class DefaultCommand(TyperCommand):
@@ -420,7 +420,6 @@ def train_command(
 def main() -> None:
     gc.disable()  # until start-up is over: cli.engine.settled()
     calm_threads_when_busy()  # before torch loads
-    reuse_freed_memory()
     try:
         app()
         code = 0

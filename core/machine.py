@@ -105,7 +105,8 @@ def reuse_freed_memory(environ=os.environ) -> None:
     twice that is free there, so the next step's same tensors (beam search's logits: 30 MB for
     128 rows of 58k) fault in their pages anew, about a microsecond per 4 KB. int8, W4 of
     benchmarks/, one thread (Zen 4 EPYC): 270,000-300,000 page faults a pass, 110,000 so; the
-    peak memory the same. Process-wide, so the command line sets it, not the library."""
+    peak memory the same. Process-wide, so the command line sets it when it translates, not
+    the library."""
     libc = glibc()
     if libc is None or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & environ.keys():
         return
