@@ -8,15 +8,13 @@ import os
 import select
 import sys
 import tempfile
+from codecs import BOM_UTF8  # which Windows editors put first in a UTF-8 file
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from core.errors import UsageError
-
-
-BOM = "\ufeff".encode()  # UTF-8's byte order mark, which Windows editors put first
 
 
 class Lines:
@@ -60,8 +58,8 @@ class Lines:
         raw = self.pending.popleft()
         raw = raw[:-1] if raw.endswith(b"\r") else raw
         self.number += 1
-        if self.number == 1 and raw.startswith(BOM):  # a mark of the encoding, not text: the
-            raw = raw[len(BOM):]  # models would translate it (en-de gave U+FFFD for it)
+        if self.number == 1 and raw.startswith(BOM_UTF8):  # a mark of the encoding, not
+            raw = raw[len(BOM_UTF8):]  # text: the models would translate it (en-de: U+FFFD)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
