@@ -321,9 +321,12 @@ def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(win
 
 
 @needs_onednn
-def test_an_int8_layer_on_onednn_with_8_bit_activations_stays_close_to_float32(monkeypatch):
-    """Where the CPU sums int8 products in 32 bits, oneDNN's layers quantize activations to all
-    8 bits: still the float32 layer to within int8 rounding, and no further from it than 7."""
+def test_an_int8_layer_on_onednn_stays_close_to_float32(monkeypatch):
+    """oneDNN's layers quantize activations to all 8 bits where the CPU sums int8 products in
+    32 bits (VNNI, AMX), and to 7 where it sums pairs in 16 bits, which 8 bits would saturate
+    (a Zen 3 EPYC: 4.7% mean error with 8): the bits this CPU gets keep the float32 layer to
+    within int8 rounding, and 8 where used are no further from it than 7."""
+    here = Int8Linear.ONEDNN_7_BITS  # from the CPU's flags
     int8_chooser(monkeypatch, forced="onednn")
     torch.manual_seed(0)
     linear, x = nn.Linear(48, 200), torch.randn(40, 48)
@@ -336,8 +339,9 @@ def test_an_int8_layer_on_onednn_with_8_bit_activations_stays_close_to_float32(m
             got = layer(x)
         assert layer.engine == "onednn" and layer.seven_bits is seven
         errors[seven] = float((got - want).abs().mean())
-    assert errors[False] < 0.03 * float(want.abs().mean())
-    assert errors[False] <= errors[True]
+    assert errors[here] < 0.03 * float(want.abs().mean())
+    if not here:
+        assert errors[False] <= errors[True]
 
 
 def test_a_forced_int8_engine_must_exist(monkeypatch):
