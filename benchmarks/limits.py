@@ -16,7 +16,8 @@ products alone take with the kernels this machine chose.
   left out. This is not a machine limit: another library's kernels may be faster (CTranslate2
   float32 is, on some CPUs).
 
-Transformers and ours run (each in its own process) right before their row, for the ratios."""
+Transformers and ours run right before their row, for the ratios: each in its own process, their
+timed passes taken in turn (benchmarks.run.run_row)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import statistics
 import time
 
 from benchmarks.engines import THREADS, torch_threads
-from benchmarks.run import log, run_engine
+from benchmarks.run import log, run_row
 from benchmarks.workloads import NEW_TOKENS, OURS, WORKLOADS
 
 STEPS = NEW_TOKENS + 1  # the last step produces end-of-sentence
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, workload in WORKLOADS.items():
         log(f"{name}: transformers, ours, products only")
-        tf, ours = (run_engine(engine, "float32", name, None).get("tok_s", float("nan"))
-                    for engine in ("transformers", "ours"))
+        tf, ours = (run.get("tok_s", float("nan")) for run in run_row(
+            [("transformers", "float32"), ("ours", "float32")], name, args.repeats))
         bound = memory_bound(w, workload, gb_s)
         top = products_only(torch, cfg, w, workload, args.repeats)
         print(f"| {name} | {bound:.0f} | {top:.1f} | {tf:.1f} | {ours:.1f} | {ours / tf:.2f}x | "
