@@ -497,6 +497,19 @@ def check(dtype: str, device: torch.device) -> None:
         raise UsageError(f"--dtype {dtype} runs on the CPU; use --dtype bfloat16 on a GPU")
 
 
+def slow(dtype: str, device: torch.device) -> str | None:
+    """Why `dtype` runs several times slower than float32 on `device`, or None: bfloat16 on an
+    x86 CPU without bfloat16 arithmetic (AVX512-BF16, AMX), where every operation converts to
+    float32 and back (Zen 3 EPYC, benchmarks/ W3: 111 tokens/s, float32 632). Only x86 CPUs
+    list `flags` in /proc/cpuinfo."""
+    flags = machine.cpu_flags()
+    if dtype == "bfloat16" and device.type == "cpu" and flags and not flags & {
+            "avx512_bf16", "amx_bf16"}:
+        return ("this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX): --dtype bfloat16 "
+                "runs several times slower than float32 here; float16 and int8 read fewer bytes")
+    return None
+
+
 def tuned(dtype: str, device: torch.device) -> bool:
     return dtype == "float32" and device.type == "cpu"
 

@@ -120,15 +120,20 @@ def build(model: str | None = None, *, revision: str | None = None, source: str 
     in another language get a warning, when `detect`); otherwise each line goes to the
     installed models for its detected language, and with --to a line already in that language
     is passed through. Each model is loaded once, when a line first needs it, and decodes as
-    it suggests where the flags are silent; `say(note)` hears of downloads and pivots."""
+    it suggests where the flags are silent; `say(note)` hears of downloads, pivots, and a
+    precision that this CPU runs slowly."""
     from core import models
+    from core.checkpoint import pick_device
     from core.detect import Detector
     from core.errors import UsageError
+    from core.precision import slow
     from core.userdir import cache_root
 
     if via is not None and (model is not None or to is None):
         raise UsageError("--via needs --to, and chains two models: not with -m" if model is None
                          else "--via chains two models; -m names one")
+    if (why := slow(dtype, pick_device(device))) is not None:
+        say(why)
 
     def load(path):
         return Translator.load(path, device=device, dtype=dtype,
