@@ -197,9 +197,9 @@ def test_folded_cross_attention_equals_the_plain_one(overrides, biases):
     assert folded.cross_k[0].size(0) == 2
 
 
-def test_a_short_sentence_decoded_greedily_folds_where_the_model_says():
-    """new_cache folds by itself only where `fold_source` is set, for one row per sentence
-    and K/V of at most half the two projections' bytes (B H S <= D / 2)."""
+def test_a_short_sentence_folds_where_the_model_says():
+    """new_cache folds by itself only where `fold_source` is set, for K/V of at most half the
+    two projections' bytes (B H S <= D / 2), greedily or with beams."""
     model = tiny_model(V)  # D 32, 4 heads: up to 4 source tokens for one sentence
 
     def folds(lengths, group=1):
@@ -209,7 +209,8 @@ def test_a_short_sentence_decoded_greedily_folds_where_the_model_says():
     assert not folds([4])
     model.fold_source = True
     assert folds([4]) and folds([2, 2])
-    assert not folds([5]) and not folds([3, 3]) and not folds([4], group=2)
+    assert folds([4], group=2) and folds([2, 2], group=4)
+    assert not folds([5]) and not folds([3, 3]) and not folds([5], group=2)
 
 
 @pytest.mark.parametrize("queries, keys", [(1, 1), (1, 13), (4, 30), (16, 16)])
