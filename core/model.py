@@ -352,7 +352,7 @@ class Transformer(nn.Module):
         weights (B H S <= D / 2: one sentence of up to 32 tokens, for D 512 and 8 heads),
         whatever the rows per sentence. A decoding step then reads them in two products in
         place of those four. One sentence of 20 tokens, greedy: 10-12% faster (Zen 4 EPYC);
-        beam 4: 1.00-1.05x (Zen 4), 1.05-1.08x (Zen 3 EPYC, where 4-row products are slow).
+        beam 4: 0.97-1.05x (Zen 4), 1.05-1.08x (Zen 3 EPYC, where 4-row products are slow).
         Folded all the same, one sentence of 60 tokens or beam search over 40 ran 1-5% slower
         (Zen 4)."""
         (B, S, D), H = memory.shape, self.cfg.n_heads

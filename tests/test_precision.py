@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 from cli.main import app
 from core import checkpoint, kernels, machine, precision
 from core.errors import UsageError
+from core.generate import generate
 from core.precision import (Float16Embeddings, Float16Linear, Int8Embeddings, Int8Linear,
                             TunedLinear, quantize_rows)
+from core.search import DecodeOptions
 from core.translator import Translator
 
 ENGLISH = TEXTS[0::2]
@@ -105,6 +107,38 @@ def test_float32_on_cpu_folds_a_short_sentences_cross_attention(model_dir, model
         for t in range(tgt.size(1)):
             logits, cache = loaded.decode_step(tgt[:, t], cache)
             torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_over_a_short_sentence_folds_and_finds_the_same_hypotheses(model_dir,
+                                                                              monkeypatch):
+    """Loaded for float32 on a CPU, one short sentence decoded with beams gets folded cross
+    K/V too, and the n-best list (tokens and scores) of the same model unfolded."""
+    loaded = checkpoint.load(str(model_dir), "cpu").model
+    made = []
+
+    def new_cache(*args, **kwargs):
+        cache = type(loaded).new_cache(loaded, *args, **kwargs)
+        made.append(cache.cross_bias is not None)
+        return cache
+
+    monkeypatch.setattr(loaded, "new_cache", new_cache)
+    src = torch.randint(4, loaded.cfg.vocab_size, (1, 4),
+                        generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    options = DecodeOptions(strategy="beam", beam_size=3, n_best=3, max_length=8)
+
+    def n_best() -> list:
+        finished = {}
+        for step in generate(loaded, src, mask, options.make(loaded.cfg.eos_id), max_length=8):
+            finished.update(step.finished)
+        return finished[0]
+
+    folded = n_best()
+    loaded.fold_source = False
+    plain = n_best()
+    assert made == [True, False]
+    assert [h.tokens for h in folded] == [h.tokens for h in plain] and len(plain) == 3
+    assert [h.score for h in folded] == pytest.approx([h.score for h in plain], abs=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (3000, 512)])  # under and over 2 MB pages
