@@ -21,6 +21,32 @@ from core.translator import Candidate, chunks
 IN_FLIGHT = 2  # chunks per worker: one being translated, one waiting
 
 
+def shares(lines: Iterable[str], size: int, n: int, ready: Callable[[], bool] | None = None
+           ) -> Iterator[tuple[int, list[str]]]:
+    """chunks(lines, size, ready) for `n` workers, except that where the input is seen to end
+    within the n chunks ahead, its last lines go out as n chunks of near-equal size, so that
+    the workers finish together: chunks of 64 would leave one worker idle on 64 lines, and
+    give two workers 128 and 72 of 200. Chunks are only read ahead while lines are there
+    without waiting: a stream that pauses gets what it sent translated at once."""
+    source, ahead = chunks(lines, size, ready), []
+    while True:
+        if ready is not None and not ready():
+            yield from ahead  # the stream waits: what it sent goes now, not after the lines
+            ahead.clear()  # that would tell whether it is the tail
+        chunk = next(source, None)
+        if chunk is None:
+            break
+        ahead.append(chunk)
+        if len(ahead) > n:
+            yield ahead.pop(0)
+    if ahead:
+        first, rest = ahead[0][0], [line for _, part in ahead for line in part]
+        parts = min(n, len(rest))
+        for i in range(parts):
+            start, end = i * len(rest) // parts, (i + 1) * len(rest) // parts
+            yield first + start, rest[start:end]
+
+
 def _work(router, flags: dict, tasks, results) -> None:
     """A worker's loop: (task, first line, lines) in, (task, n-bests, splits, error) out."""
     import torch
@@ -77,7 +103,7 @@ class Workers:
                        on_split: Callable[[int, int], None] | None = None,
                        ready: Callable[[], bool] | None = None) -> Iterator[list[Candidate]]:
         """Each line's n-best in input order, as Router.iter_translate."""
-        pending = chunks(lines, self.chunk_size, ready)
+        pending = shares(lines, self.chunk_size, self.n, ready)
         done: dict[int, list[list[Candidate]]] = {}
         sent = received = 0
         exhausted = False

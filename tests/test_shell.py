@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from core.workers import shares
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-length", "3"]
 
@@ -215,6 +217,31 @@ def test_workers_give_the_same_lines_in_the_same_order(model_dir, tmp_path):
          tmp_path / "src", "--ref", tmp_path / "src", "--workers", n], cwd=ROOT,
         capture_output=True, timeout=120).stdout.splitlines()[:2] for n in ("1", "2")]
     assert scores[0] == scores[1] and scores[0][0].startswith(b"BLEU")
+
+
+def test_workers_share_the_last_lines_evenly_and_hold_no_line_a_stream_waits_after():
+    """The input's tail goes to the workers in near-equal chunks (64 lines in chunks of 64
+    would leave one of two idle), every line once and in order; a stream that pauses has what
+    it sent sent on at once, never held back to look ahead."""
+    def sizes(n_lines: int, n: int = 2) -> list[int]:
+        parts = list(shares([str(i) for i in range(n_lines)], 64, n))
+        assert [line for _, part in parts for line in part] == [str(i) for i in range(n_lines)]
+        assert all(first == int(part[0]) + 1 for first, part in parts)  # 1-based line numbers
+        return [len(part) for _, part in parts]
+
+    assert sizes(64) == [32, 32] and sizes(200) == [64, 64, 36, 36] and sizes(128) == [64, 64]
+    assert sizes(200, n=4) == [50, 50, 50, 50] and sizes(1) == [1] and sizes(0) == []
+    read = []
+
+    def slow_stream():
+        for i in range(5):
+            read.append(i)
+            yield str(i)
+
+    sent = [part for _, part in shares(slow_stream(), 64, 2, ready=lambda: False)]
+    assert sent == [[str(i)] for i in range(5)]
+    for _, part in shares(slow_stream(), 64, 2, ready=lambda: False):
+        assert part == [str(read[-1])]  # out before the next line was read
 
 
 def children(pid: int) -> list[int]:
