@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,15 +163,11 @@ def load_ours(mode: str, beam: int, single: bool = False) -> Runner:
                                                     initargs=(1,))
 
     def in_workers(batches):
-        sampler.active.set()
-        try:
-            return [n for lengths in pool.map(_run_in_worker, batches, chunksize=1)
-                    for n in lengths]
-        finally:
-            sampler.active.clear()
+        return [n for lengths in pool.map(_run_in_worker, batches, chunksize=1)
+                for n in lengths]
 
-    sampler = PeakMemory(lambda: [os.getpid(), *(p.pid for p in pool._pool)])
-    in_workers.load_s, in_workers.whole, in_workers.peak_kib = load_s, True, sampler.peak_kib
+    in_workers.load_s, in_workers.whole = load_s, True
+    in_workers.sampler = PeakMemory(lambda: [os.getpid(), *(p.pid for p in pool._pool)])
     return in_workers
 
 
@@ -179,8 +176,10 @@ class PeakMemory:
     the sum of their PSS (shared pages shared out, so the weights the forked workers share
     count once), or the parent's own VmHWM if that was higher (the load, before the workers).
     Each process's VmHWM alone would miss the workers, and their sum count the weights thrice.
-    It samples only while `active` is set (during passes): a sample costs a few % of a core,
-    which would slow the other engines' passes while this one waits its turn."""
+    It samples only while `active` is set: during the untimed passes (main()). A sample costs a
+    few % of a core: sampling the timed passes slowed them (int8-w2 W3, one process switching
+    on and off: 1.021x and 1.047x as fast off), and would slow the other engines' passes while
+    this one waits its turn."""
 
     def __init__(self, pids: Callable[[], list[int]]):
         import threading
@@ -262,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     run = (loader(args.mode, workload.beam, single) if args.engine != "transformers"
            else loader(args.mode, workload.beam))
 
-    _, ok = one_pass(run, workload)  # warm-up: first-call allocations, lazy init
+    sampler = getattr(run, "sampler", None)  # -w2: memory sampled on untimed passes only
+    with sampling(sampler):
+        _, ok = one_pass(run, workload)  # warm-up: first-call allocations, lazy init
     speeds = []
 
     def timed_pass() -> dict:
@@ -281,11 +282,26 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(repeats):
             timed_pass()
 
-    peak_kib = getattr(run, "peak_kib", peak_rss_kib)()
+    if sampler is not None:  # memory once more, after what the timed passes left behind
+        with sampling(sampler):
+            one_pass(run, workload)
+    peak_kib = sampler.peak_kib() if sampler is not None else peak_rss_kib()
     say({"engine": args.engine, "mode": args.mode, "workload": args.workload,
          "load_s": round(run.load_s, 3),
          "tok_s": round(statistics.median(speeds), 2) if speeds else 0.0,
          "peak_rss_mb": round(peak_kib / 1024, 1), "tokens_ok": ok and bool(speeds)})
+
+
+@contextmanager
+def sampling(sampler: PeakMemory | None):
+    """`sampler` samples (if any) while inside."""
+    if sampler is not None:
+        sampler.active.set()
+    try:
+        yield
+    finally:
+        if sampler is not None:
+            sampler.active.clear()
 
 
 def say(record: dict) -> None:

@@ -285,7 +285,7 @@ def report(env: dict, pairs: list[tuple[str, str]], runs: list[dict], cli: dict 
 
     out += ["", "Load time (s, median of the runs) and peak RSS (MB) of each run's process "
             "(-w2: the peak of its processes' summed PSS, sampled every 250 ms during its "
-            "passes):", ""]
+            "untimed passes):", ""]
     out += table(["engine", "load s", *(f"RSS {w}" for w in WORKLOADS)],
                  [memory_row(e, m) for e, m in pairs])
 
