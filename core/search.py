@@ -211,12 +211,13 @@ class BeamSearch(Strategy):
         history = torch.cat([self.history[rows], next_tokens[:, None]], dim=1)  # (n*K, t+1)
 
         report, keep = Step(), []
-        best_possible = live_scores[:, 0] / length_penalty(self.max_length + 1, self.alpha)
+        penalty = length_penalty(self.max_length + 1, self.alpha)
+        best_possible = (live_scores[:, 0] / penalty).tolist()  # (n,)
         prefix = self.shared_prefix(history.view(n, K, t + 1), live_scores)  # (n,)
         for i, sentence in enumerate(self.sentences.tolist()):
             done = self.finished[sentence]
             done.sort(key=lambda h: -h.score)
-            bound = best_possible[i].item()
+            bound = best_possible[i]
             if len(done) >= K or bound == NEG_INF or (
                     len(done) >= self.n_best and done[self.n_best - 1].score >= bound):
                 best = done[0].tokens
@@ -231,6 +232,9 @@ class BeamSearch(Strategy):
                 report.committed[sentence] = history[i * K, self.committed[sentence]:length].tolist()
                 self.committed[sentence] = length
 
+        if len(keep) == n:  # every sentence goes on (most steps): nothing to select
+            self.scores, self.history = live_scores, history
+            return report, rows, next_tokens
         kept = torch.tensor(keep, dtype=torch.long, device=logprobs.device)
         kept_rows = (kept[:, None] * K + torch.arange(K, device=kept.device)).view(-1)
         self.sentences, self.scores = self.sentences[kept], live_scores[kept]
