@@ -206,6 +206,8 @@ def two_models(monkeypatch, tmp_path, model, tokenizer):
                 m.logits_bias[tokenizer.encode("Q")[0]] = 1e4
         checkpoint.save(m, tokenizer, root / f"{src}-{tgt}")
     monkeypatch.setattr(models, "checkpoints_dir", lambda: root)
+    # the session's cache holds the models other tests converted
+    monkeypatch.setenv("TRANSLATE_CACHE", str(tmp_path / "cache"))
     return root
 
 
