@@ -87,18 +87,13 @@ class Int8Linear(nn.Module):
     oneDNN's layers quantize activations to all 8 bits, not 7: on Multi30k test2016 the de-en
     model's int8 BLEU went from 42.05 to 42.42 that way (float32 42.36; fbgemm alone 42.23).
 
-    fbgemm gives every call an int32 buffer as large as its output, 30 MB for 128 beam rows of
-    a 58k vocabulary beside the 30 MB of logits, and the heap keeps what that churns, so calls
-    whose output would pass CHUNK values go in chunks of rows, each quantized with the scale of
-    the whole input (the same result). oneDNN writes its sums scaled into the result."""
+    fbgemm's packing of a wide layer (the output layer) is in blocks of BLOCK output rows, each
+    computed into its slice of the result: fbgemm gives every call an int32 buffer as large as
+    its output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and the
+    heap keeps what that churns (one such call: 444 MB peak whole, 341 blocked; the benchmark
+    model's load: 402 and 374 MB). oneDNN writes its sums scaled into the result: one block."""
 
-    # 2^21 values: 36 rows of a 58k output layer, 1024 of a 2048-wide one. The output layer
-    # was packed in blocks of 8192 output rows instead, so every call was 8 calls, each with
-    # fbgemm's fixed costs. Its time a pass of benchmarks/ (Zen 3 EPYC, ms, blocks -> chunks):
-    # 2 threads W1 33 -> 29, W2 39 -> 32, W3 437 -> 394, W4 1689 -> 1682; one thread W3 797 ->
-    # 794, W4 3139 -> 3262 (each chunk of 128 rows reads the whole matrix: 1.5% of the pass).
-    # One call for all 128 rows, without chunks: 5013.
-    CHUNK = 1 << 21
+    BLOCK = 8192
     # fbgemm to start with where torch has it, and oneDNN to move to
     FIRST = "fbgemm" if "fbgemm" in kernels.INT8_ENGINES else None
     MOVABLE = set(kernels.INT8_ENGINES) >= {"fbgemm", "onednn"}
@@ -118,21 +113,30 @@ class Int8Linear(nn.Module):
         self.packed = self.pack(q, scale, bias)
 
     def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> list:
-        """fbgemm's packing (or, without fbgemm, the default engine's), as a list of one."""
+        """fbgemm's packing (or, without fbgemm, the default engine's), in blocks of BLOCK rows."""
         with quantized_engine(self.FIRST):
             return [torch.ops.quantized.linear_prepack(
-                per_channel(q, scale), None if bias is None else bias.detach().float())]
+                per_channel(q[i:i + self.BLOCK], scale[i:i + self.BLOCK]),
+                None if bias is None else bias[i:i + self.BLOCK].detach().float())
+                for i in range(0, q.size(0), self.BLOCK)]
 
     def onednn_packing(self, packed: list) -> list:
-        """oneDNN's packing of the weights in fbgemm's `packed`, which empties (where it is the
-        layer's own, fbgemm's packing is freed once read: moving never holds more than two
-        copies of the matrix)."""
+        """oneDNN's packing of the weights in fbgemm's `packed`, which empties as it goes
+        (where it is the layer's own, each block is freed once read: moving never holds more
+        than the int8 matrix beside where it ends)."""
         return [OneDNNInt8(*self.unpacked(packed))]
 
     def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
         """The int8 matrix, its row scales and the bias, out of `packed`, which empties."""
-        weight, bias = torch.ops.quantized.linear_unpack(packed.pop())
-        return weight.int_repr(), weight.q_per_channel_scales().float(), bias
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        scale, biases, row = torch.empty(self.out_features), [], 0
+        while packed:
+            weight, bias = torch.ops.quantized.linear_unpack(packed.pop(0))
+            rows = slice(row, row + weight.size(0))
+            q[rows], scale[rows] = weight.int_repr(), weight.q_per_channel_scales()
+            biases.append(bias)
+            row += weight.size(0)
+        return q, scale, None if biases[0] is None else torch.cat(biases)
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
@@ -162,15 +166,13 @@ class Int8Linear(nn.Module):
             return packed[0](x, seven_bits)
         # fbgemm's activations get 7 bits so that CPUs without VNNI never saturate their
         # 16-bit sums
-        rows = max(self.CHUNK // self.out_features, 1)  # a chunk's
-        if x.numel() <= rows * self.in_features or self.engine != "fbgemm":
+        if len(packed) == 1:
             return on_packed(torch.ops.quantized.linear_dynamic, x, packed[0], seven_bits)
-        x2 = x.reshape(-1, self.in_features)  # (R, in)
-        scale, zero = torch._choose_qparams_per_tensor(x2, seven_bits)  # linear_dynamic's own
-        given = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # x's scale
-        out = torch.cat([on_packed(given, x2[i:i + rows], scale, zero, packed[0])
-                         for i in range(0, x2.size(0), rows)])  # (R, out)
-        return out.view(*x.shape[:-1], self.out_features)  # (..., out)
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
+        for i, block in enumerate(packed):  # x quantizes alike in every block
+            out[..., i * self.BLOCK:(i + 1) * self.BLOCK] = on_packed(
+                torch.ops.quantized.linear_dynamic, x, block, seven_bits)
+        return out
 
     def choose_engine(self, rows: int) -> None:
         """Move to oneDNN if it is the engine measured (or kept) fastest at `rows` here."""

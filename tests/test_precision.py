@@ -310,21 +310,16 @@ def test_int8_matrices_are_read_in_slices(model_dir):
     assert all(n.endswith((".bias", "norm.weight", "logits_bias")) for n in read), read
 
 
-def test_a_wide_int8_call_in_chunks_of_rows_computes_what_one_call_does(monkeypatch):
-    """Calls with a large output (the output layer's, for a batch) go in chunks of rows, all
-    quantized with the whole input's scale: every row's logits are those of one call."""
+def test_a_wide_int8_layer_in_blocks_computes_what_one_block_does(monkeypatch):
+    """The output layer is packed in blocks of rows; every logit lands in its own column."""
     torch.manual_seed(0)
-    weight, bias = torch.randn(100, 32), torch.randn(100)
-    x = torch.randn(3, 5, 32) * torch.arange(1, 4.0)[:, None, None]  # rows of unlike scales
-    layer = Int8Linear.from_float(weight, bias)
+    weight, bias, x = torch.randn(100, 32), torch.randn(100), torch.randn(3, 5, 32)
+    whole = Int8Linear.from_float(weight, bias)
+    monkeypatch.setattr(Int8Linear, "BLOCK", 16)
+    blocked = Int8Linear.from_float(weight, bias)
+    assert len(blocked.packed) == 7 and len(whole.packed) == 1
     with torch.inference_mode():
-        whole = layer(x)
-        monkeypatch.setattr(Int8Linear, "CHUNK", 400)  # 4 rows a call: chunks of 4, 4, 4, 3
-        calls, real = [], precision.on_packed
-        given = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-        monkeypatch.setattr(precision, "on_packed", lambda op, *args: calls.append(op is given)
-                            or real(op, *args))
-        assert torch.equal(layer(x), whole) and calls == [True] * 4
+        torch.testing.assert_close(blocked(x), whole(x))
 
 
 def int8_chooser(monkeypatch, forced=None):
@@ -334,14 +329,14 @@ def int8_chooser(monkeypatch, forced=None):
 
 
 @needs_onednn
-@pytest.mark.parametrize("chunk", [1 << 21, 1600])
-def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(chunk,
+@pytest.mark.parametrize("block", [8192, 16])
+def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(block,
                                                                            monkeypatch):
     """Forced to oneDNN, a layer stays with fbgemm for one sentence's rows and moves, whole,
     once a batch comes; its results agree to float rounding (the same quantization)."""
     int8_chooser(monkeypatch, forced="onednn")
     monkeypatch.setattr(Int8Linear, "ONEDNN_7_BITS", True)  # fbgemm's quantization exactly
-    monkeypatch.setattr(Int8Linear, "CHUNK", chunk)  # 1600: fbgemm's batch in chunks of 16
+    monkeypatch.setattr(Int8Linear, "BLOCK", block)
     torch.manual_seed(0)
     weight, bias = torch.randn(100, 48), torch.randn(100)
     layer, kept = Int8Linear.from_float(weight, bias), Int8Linear.from_float(weight, bias)
@@ -364,7 +359,7 @@ def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(win
     timed = []
     monkeypatch.setattr(kernels, "fastest", lambda calls, handicap: timed.append(
         {name: call() for name, call in calls.items()}) or winner)
-    monkeypatch.setattr(Int8Linear, "CHUNK", 1600)  # fbgemm's trial in chunks of 16 rows
+    monkeypatch.setattr(Int8Linear, "BLOCK", 16)
     torch.manual_seed(0)
     weight = torch.randn(100, 48)
     layer, kept = Int8Linear.from_float(weight), Int8Linear.from_float(weight)
@@ -377,7 +372,7 @@ def test_an_int8_engine_is_measured_on_the_layer_and_a_loser_changes_nothing(win
     measured = timed[0]  # both engines ran this layer's weights at the bucket's rows
     assert measured["fbgemm"].shape == (64, 100)
     torch.testing.assert_close(measured["fbgemm"], measured["onednn"], rtol=1e-5, atol=1e-4)
-    assert layer.engine == winner and len(layer.packed) == 1
+    assert layer.engine == winner and len(layer.packed) == (7 if winner == "fbgemm" else 1)
 
 
 @needs_onednn
