@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import sys
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,29 +18,78 @@ def is_identity(index: Tensor, n: int) -> bool:
     return index.numel() == n and torch.equal(index, torch.arange(n, device=index.device))
 
 
-def outside_heap(shape: tuple[int, ...], like: Tensor) -> Tensor:
+class Mappings:
+    """The memory of the cache's buffers: private anonymous mappings of their own (see
+    outside_heap), kept when no tensor holds them any more and handed out again, the largest
+    free one that fits first, so that a batch reuses the last one's grown buffers whole.
+
+    Fresh memory costs its first touch: on a VM whose host takes freed guest memory back (free
+    page reporting, as on the Zen 3 EPYC of benchmarks/), about 1.5 ms per 2 MB page, and beam
+    search made its buffers anew as they grew, 290 MB a batch of 32 sentences x 4 beams of the
+    benchmark's model, against 117 MB kept and reused. One process switching between the two
+    there: W4 float32 1.071x, int8 on one thread 1.047x, W3 int8 on one thread 1.027x, the
+    same translations. A request that no free mapping fits unmaps the free ones first (too
+    small for a cache that grows), so what is kept stays about the largest batch's cache so
+    far, held between batches as torch's own allocators hold theirs."""
+
+    def __init__(self):
+        self.kept: list[mmap.mmap] = []
+        self.lock = threading.Lock()  # one mapping never goes to two threads' caches
+        self.kept.append(self.new(mmap.PAGESIZE))
+        self.alone = self.refs(0)  # the references a mapping that nothing else holds shows
+        self.kept.clear()
+
+    def refs(self, i: int) -> int:
+        # a tensor over a mapping (torch.frombuffer) holds a reference to it until its storage
+        # is freed, views included; counted in this one expression, so that `alone` matches
+        return sys.getrefcount(self.kept[i])
+
+    def take(self, shape: tuple[int, ...], like: Tensor, room: int) -> Tensor:
+        numel = math.prod(shape)
+        nbytes = numel * like.element_size()
+        with self.lock:
+            free = [i for i in range(len(self.kept)) if self.refs(i) == self.alone]
+            fits = [i for i in free if len(self.kept[i]) >= nbytes]
+            if fits:
+                memory = self.kept[max(fits, key=lambda i: len(self.kept[i]))]
+            else:
+                self.kept = [m for i, m in enumerate(self.kept) if i not in free]
+                memory = self.new(max(numel, room) * like.element_size())
+                self.kept.append(memory)
+            # the whole mapping, so that room() sees all of it: a reorder grows into it
+            whole = torch.frombuffer(memory, dtype=like.dtype,
+                                     count=len(memory) // like.element_size())
+            return whole[:numel].view(shape)
+
+    @staticmethod
+    def new(nbytes: int) -> mmap.mmap:
+        if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no flags, and no huge pages on request
+            return mmap.mmap(-1, nbytes)
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # fresh pages come zeroed: 2 MB ones fault 512x less
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        return memory
+
+
+MAPPINGS = Mappings()
+
+
+def outside_heap(shape: tuple[int, ...], like: Tensor, room: int = 0) -> Tensor:
     """An uninitialised contiguous tensor of `shape`, `like`'s dtype and device; on the CPU in
-    a private anonymous mapping of its own, in 2 MB pages where Linux gives them on request,
-    which returns to the system whole when freed. In the heap, the cache's buffers, made and
-    freed at other moments than a step's other tensors, leave holes that glibc keeps: for 128
-    beam rows of a 6-layer, 512-wide decoder, 50-90 MB more peak memory (Zen 4 EPYC, int8, four
+    a private anonymous mapping of its own (from MAPPINGS; a new one holds at least `room`
+    elements, for a buffer that grows), in 2 MB pages where Linux gives them on request; its
+    storage is the whole mapping (see room()). In the heap, the cache's buffers, made and freed
+    at other moments than a step's other tensors, leave holes that glibc keeps: for 128 beam
+    rows of a 6-layer, 512-wide decoder, 50-90 MB more peak memory (Zen 4 EPYC, int8, four
     passes of W4 of benchmarks/: 708-727 MB in the heap, 601-667 outside; 623-651 before a
     reorder laid the cache out tight), at the same speed (one process switching: W4 0.989x, W3
     1.012x). Private, not mmap's default of shared: shared anonymous memory is shmem, which
     Linux gives no 2 MB pages unless configured to (shmem_enabled), and whose 4 KB faults cost
     more (int8 W4, one thread, one process switching: page faults 196k a pass shared, 87k
     private, 1.06x as fast)."""
-    numel = math.prod(shape)
-    if like.device.type != "cpu" or numel == 0:
+    if like.device.type != "cpu" or math.prod(shape) == 0:
         return like.new_empty(shape)
-    if hasattr(mmap, "MAP_PRIVATE"):
-        memory = mmap.mmap(-1, numel * like.element_size(),
-                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    else:  # Windows: no flags, and no huge pages on request
-        memory = mmap.mmap(-1, numel * like.element_size())
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # fresh pages come zeroed: 2 MB ones fault 512x less
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=like.dtype).view(shape)
+    return MAPPINGS.take(shape, like, room)
 
 
 def room(buffer: Tensor) -> int:
@@ -125,12 +176,13 @@ class KVCache:
 
     def spare_as(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A contiguous `shape` in the spare buffer's storage (all of it, whatever part its
-        view covered) where that is large enough, else in a new storage as large as `like`'s
-        or twice what `shape` needs, whichever is more."""
+        view covered) where that is large enough, else in another (outside_heap: a kept one
+        that fits, or a new one as large as `like`'s or twice what `shape` needs, whichever is
+        more)."""
         spare, self.spare = self.spare, None
         need = math.prod(shape)
         if spare is None or room(spare) < need:
-            return outside_heap((max(room(like), 2 * need),), like)[:need].view(shape)
+            return outside_heap(shape, like, room=max(room(like), 2 * need))
         return spare.as_strided((need,), (1,), 0).view(shape)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

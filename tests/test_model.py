@@ -5,7 +5,10 @@ import torch
 
 from conftest import tiny_model
 
+from core.cache import MAPPINGS, Mappings
+from core.generate import generate
 from core.model import Dropout, few_query_attention
+from core.search import DecodeOptions
 
 VARIANTS = [
     {},  # the paper: post-norm, sinusoidal interleaved, relu, tied output
@@ -137,6 +140,41 @@ def test_a_reorder_lays_the_cache_out_tight_for_the_next_step():
         cache = cache.reorder(torch.tensor([1, 0, 3, 2]))
         for buffer in [*cache.self_k, *cache.self_v]:  # the positions so far and the next's
             assert buffer.is_contiguous() and buffer.size(2) == cache.length + 1 == t + 2
+
+
+def test_cache_memory_is_reused_once_no_tensor_holds_it():
+    """The cache's buffers come from kept mappings (core.cache.Mappings): one whose tensors are
+    all gone goes out again, never one that a tensor or a view of it still holds; and one too
+    small for a growing buffer is given back rather than kept beside it."""
+    mappings, like = Mappings(), torch.empty(0)
+    first = mappings.take((1000,), like, 0).fill_(1.0)
+    view, address = first[10:20], first.data_ptr()
+    del first
+    second = mappings.take((1000,), like, 0).fill_(2.0)
+    assert second.data_ptr() != address and view.eq(1.0).all()
+    del view
+    assert mappings.take((500,), like, 0).data_ptr() == address  # freed, and it fits
+    del second
+    grown = mappings.take((4000,), like, 0)  # fits none: the two free ones are given back
+    assert len(mappings.kept) == 1 and grown.untyped_storage().nbytes() == 16000
+
+
+def test_decoding_in_reused_cache_memory_reads_nothing_left_in_it():
+    """Kept cache memory comes back as it was left (here: NaN everywhere); beam search in it
+    gives the same as in fresh memory, so no position is read before it is written."""
+    model = tiny_model(V)
+    src, mask = batch([5, 6, 3], seed=4)
+    options = DecodeOptions(strategy="beam", beam_size=3, max_length=20)
+
+    def translate():
+        return [step.finished for step in generate(model, src, mask, options.make(model.cfg.eos_id),
+                                                   max_length=20)]
+
+    fresh = translate()
+    for i in range(len(MAPPINGS.kept)):
+        if MAPPINGS.refs(i) == MAPPINGS.alone:  # free: poison it
+            torch.frombuffer(MAPPINGS.kept[i], dtype=torch.uint8).fill_(255)  # float NaN
+    assert translate() == fresh
 
 
 def test_beams_sharing_one_cross_attention_copy_equal_separate_copies():
