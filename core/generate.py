@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from core import precision
 from core.model import Transformer
 from core.search import NEG_INF, Step, Strategy, ban_repeats
 from core.utf8 import Utf8Rule
@@ -31,9 +30,8 @@ def generate(model: Transformer, src: Tensor, src_mask: Tensor, strategy: Strate
                          dtype=torch.long, device=device)
     eos = torch.tensor([cfg.eos_id], device=device)
     with torch.inference_mode():
-        rows = strategy.start(src.size(0), device)
-        precision.before_batch(model, rows.numel())
         memory = model.encode(src, src_mask)  # (B, S, D): once per batch
+        rows = strategy.start(src.size(0), device)
         row_limit = limits[rows]  # (N,) each row's limit follows it like its cache
         # cross-attention K/V once per batch; a sentence's beams share them
         cache = model.new_cache(memory, src_mask, group=rows.numel() // src.size(0))

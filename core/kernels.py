@@ -30,7 +30,7 @@ RowBlocks over a row-major copy of the matrix, tried in pairs of calls against t
 way the same way and kept per shape only where it wins (core.precision.TunedLinear).
 
 The tied output layer (core.precision.TiedOutput) chooses the same way per row count, in a
-family and file of its own (`*-output2.json`), among the kernels and one more, "packed": its
+family and file of its own (`*-output.json`), among the kernels and one more, "packed": its
 matrix is the embedding table too and stays plain, so its packed copy is held beside it, and
 is chosen only where PACKED_WIN times faster.
 
@@ -398,14 +398,14 @@ class Chooser:
 
 
 # the tied output layer's packed copy of its matrix (core.precision.TiedOutput) must be this
-# much faster to be chosen: it holds the matrix a second time (119 MB for 58k x 512)
+# much faster to be chosen: it holds the matrix a second time (119 MB for 58k x 512), and its
+# blocks' copy into the logits costs beyond its own call (Zen 4 EPYC, 2 threads: chosen at
+# 128 rows by timings 5-10% faster, beam search over 32 sentences ran 3.5% slower)
 PACKED_WIN = 1.15
 # per family: the choices' names, the variable that forces one, the cache file's suffix, the
 # handicaps; "output" is the tied output layer's, which may also read its packed copy
 FAMILIES = {"float32": (tuple(KERNELS), "TRANSLATE_KERNEL", "", {}),
-            # "-output2": choices made while the packed copy was in blocks, each copied into
-            # the logits (slower than whole), are void
-            "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output2",
+            "output": (tuple(KERNELS) + ("packed",) * PACKABLE, "TRANSLATE_KERNEL", "-output",
                        {"packed": PACKED_WIN}),
             # "-int8b": choices made before oneDNN's int8 layers stopped holding their matrix
             # twice, under a handicap for it, are void

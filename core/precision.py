@@ -454,19 +454,18 @@ class TiedOutput:
     matrix E (column-major; the lookups read it too), with the kernel measured fastest for
     the row count, as a TunedLinear's (core.kernels, family "output"), where one more takes
     part: oneDNN's product over a packed copy of E, chosen where kernels.PACKED_WIN times
-    faster (Zen 4 EPYC, 2 threads, a 58k x 512 matrix, ms: 4.2-5.1 against the plain matrix's
-    best 6.6 at 4 rows, 10.3-10.8 against 14.4 at 32; at one row 4.9-5.5 against 3.3-4.1). It
-    cannot replace E, so it is made when first asked for and held beside E from then on (119
-    MB for that matrix): runs whose row counts never choose it (greedy, one sentence) never
-    hold it, and a trial that rejects it frees it. It is packed whole: oneDNN then writes the
-    logits itself, where a copy in blocks of rows took one call and one copy into the logits
-    per block (8 blocks of 8,192 rows, 32 rows, Zen 3 EPYC: 1.05x the plain matrix over a
-    greedy batch, whole 1.08x). Packing copies E row-major first, 119 MB more for a moment,
-    so before_batch() makes it before a batch's memory is in use where the batch's rows chose
-    it."""
+    faster (Zen 4 EPYC, 2 threads, a 58k x 512 matrix, ms: 4.8 against the plain matrix's best
+    6.6 at 4 rows, 10.8 against 14.4 at 32; at one row 4.9 against 3.3). It cannot replace E,
+    so it is made at the first call that asks for it and held beside E from then on (119 MB
+    for that matrix): runs whose row counts never choose it (greedy, one sentence) never hold
+    it, and a trial that rejects it frees it. It is packed in blocks of BLOCK rows, each
+    copied first into one buffer (oneDNN packs a row-major matrix; E whole would be copied),
+    so that making it never holds a third copy of E."""
+
+    BLOCK = 8192
 
     def __init__(self):
-        self.copy: Tensor | None = None  # E packed (oneDNN's layout), once asked for
+        self.blocks: list[Tensor] | None = None  # the packed copy, BLOCK rows of E each
         self.kernels = {**kernels.KERNELS, "packed": self.packed}
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -474,21 +473,20 @@ class TiedOutput:
         key = chooser.key(weight.shape, kernels.rows(x))
         settled = key in chooser.table
         out = chooser.linear(x, weight, bias, self.kernels)  # (..., V)
-        if not settled and chooser.table.get(key) not in (None, "packed") and self.copy is not None:
-            self.copy = None  # the trial that made it chose another kernel
+        if not settled and chooser.table.get(key) not in (None, "packed") and self.blocks:
+            self.blocks = None  # the trial that made it chose another kernel
             give_back_memory()
         return out
 
     def pack(self, weight: Tensor) -> None:
         """Make the packed copy of `weight` (E), unless it is there."""
-        if self.copy is None:
-            self.copy = kernels.pack(weight)  # from a row-major copy, freed on return
+        if self.blocks is None:
+            self.blocks, rows = [], weight.new_empty(self.BLOCK, weight.size(1))  # (BLOCK, D)
+            for i in range(0, weight.size(0), self.BLOCK):  # each block packed from `rows`
+                block = rows[:weight.size(0) - i].copy_(weight[i:i + self.BLOCK])
+                self.blocks.append(kernels.pack(block))
+            del rows, block
             give_back_memory()
-
-    def before_batch(self, weight: Tensor, rows: int) -> None:
-        """Make the packed copy now if calls of `rows` rows chose it (kept, not on trial)."""
-        if kernels.chooser("output").table.get(kernels.Chooser.key(weight.shape, rows)) == "packed":
-            self.pack(weight)
 
     def before_fork(self, weight: Tensor, threads: int) -> None:
         """Make the packed copy now if processes of `threads` threads chose it for some row
@@ -498,7 +496,11 @@ class TiedOutput:
 
     def packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         self.pack(weight)
-        return kernels.onednn(x, self.copy, bias)  # (..., V)
+        out = x.new_empty(*x.shape[:-1], weight.size(0))  # (..., V)
+        for i, block in enumerate(self.blocks):
+            span = slice(i * self.BLOCK, (i + 1) * self.BLOCK)
+            out[..., span] = kernels.onednn(x, block, None if bias is None else bias[span])
+        return out
 
 
 def check(dtype: str, device: torch.device) -> None:
@@ -601,16 +603,6 @@ def load(model: nn.Module, read, names: list[str], dtype: str, device: torch.dev
         # through the projections take fewer bytes than the projections' weights
         model.fold_source = True
     return model
-
-
-def before_batch(model: nn.Module, rows: int) -> None:
-    """Ready `model` for decoding steps of `rows` rows, before a batch is encoded: what its
-    first step would make (the tied output layer's packed copy) is made while the process
-    holds little else, so that the moment it takes twice the memory adds less to the process's
-    peak (float32, W3 of benchmarks/, greedy over 32 sentences: 843 MB with the copy made at
-    the first step, 789 and 810 with it made before the batch)."""
-    if isinstance(getattr(model, "tied_linear", None), TiedOutput):
-        model.tied_linear.before_batch(model.embed.weight, rows)
 
 
 def before_fork(model: nn.Module, threads: int) -> None:

@@ -583,8 +583,10 @@ def test_a_layer_of_a_shape_kept_packed_packs_at_load_and_saves_the_same_matrix(
 
 
 def tied_output(model, monkeypatch, chooser):
-    """`model` loaded for float32 on the CPU with `chooser` for its tied output layer."""
+    """`model` loaded for float32 on the CPU with `chooser` for its tied output layer, which
+    packs its matrix in blocks of 7 rows (the last one short)."""
     monkeypatch.setitem(kernels._choosers, "output", chooser)
+    monkeypatch.setattr(precision.TiedOutput, "BLOCK", 7)
     loaded = precision.apply(copy.deepcopy(model), "float32", torch.device("cpu"))
     assert isinstance(loaded.tied_linear, precision.TiedOutput)
     return loaded, loaded.tied_linear
@@ -600,31 +602,13 @@ def test_the_tied_output_layer_packs_its_matrix_only_for_row_counts_that_choose_
     chooser.table.update({kernels.Chooser.key(shape, 1): "onednn",
                           kernels.Chooser.key(shape, 4): "packed"})
     loaded, tied = tied_output(model, monkeypatch, chooser)
-    assert model.embed.weight.dtype == torch.float32
+    assert model.cfg.vocab_size % 7 and model.embed.weight.dtype == torch.float32
     with torch.inference_mode():
         for rows, packed in ((1, False), (4, True), (1, True)):
             x = torch.randn(rows, model.cfg.d_model)
             torch.testing.assert_close(loaded.project(x), model.project(x), rtol=1e-5, atol=1e-5)
-            assert (tied.copy is not None) == packed
-
-
-@needs_packing
-def test_the_packed_copy_a_batch_reads_is_made_before_the_batch_is_encoded(model, monkeypatch):
-    """Packing holds the matrix twice more for a moment, so the copy comes before a batch's
-    memory where the batch's rows chose it; rows that chose another kernel make none."""
-    shape = tuple(model.embed.weight.shape)
-    src = torch.randint(4, model.cfg.vocab_size, (3, 5))
-    for choice, made in (("onednn", False), ("packed", True)):
-        chooser = kernels.Chooser(None, names=kernels.FAMILIES["output"][0])
-        chooser.table[kernels.Chooser.key(shape, 3)] = choice
-        loaded, tied = tied_output(model, monkeypatch, chooser)
-        at_encode, encode = [], loaded.encode
-        monkeypatch.setattr(loaded, "encode",
-                            lambda *args: at_encode.append(tied.copy is not None) or encode(*args))
-        greedy = DecodeOptions(strategy="greedy", max_length=1).make(loaded.cfg.eos_id)
-        steps = list(generate(loaded, src, torch.ones_like(src, dtype=torch.bool), greedy,
-                              max_length=1))
-        assert at_encode == [made] and steps
+            assert (tied.blocks is not None) == packed
+    assert len(tied.blocks) == -(-model.cfg.vocab_size // 7)
 
 
 @needs_packing
@@ -642,8 +626,8 @@ def test_a_trial_that_rejects_the_packed_copy_frees_it(model, monkeypatch):
         while not chooser.table:
             x = torch.randn(3, model.cfg.d_model)
             torch.testing.assert_close(loaded.project(x), model.project(x), rtol=1e-5, atol=1e-5)
-            held.append(tied.copy is not None)
-    assert any(held) and tied.copy is None
+            held.append(tied.blocks is not None)
+    assert any(held) and tied.blocks is None
     assert chooser.table == {kernels.Chooser.key(tuple(model.embed.weight.shape), 3): "mkl"}
 
 
@@ -659,7 +643,7 @@ def test_the_packed_copy_one_thread_workers_chose_is_made_before_they_fork(model
         loaded, tied = tied_output(model, monkeypatch, chooser)
         threads = torch.get_num_threads()
         precision.before_fork(loaded, threads=1)
-        assert (tied.copy is not None) == made
+        assert (tied.blocks is not None) == made
         assert torch.get_num_threads() == threads
 
 
