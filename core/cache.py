@@ -125,28 +125,31 @@ class KVCache:
     spare: Tensor | None = None  # a freed buffer that the next reorder() copies into
     cross_bias: list[Tensor] | None = None  # folded: per layer (n, 1, H*S)
 
-    def reorder(self, rows: Tensor) -> KVCache:
-        """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache.
+    def reorder(self, rows: Tensor, group: int | None = None) -> KVCache:
+        """Keep, repeat and permute rows: row i of the result is row rows[i] of this cache,
+        which has `group` rows per sentence (left None: as many as this one).
 
-        Follows beams to their origin and drops finished sentences. Each run of `group` rows
-        must come from one sentence; the cross K/V are only touched when the sentences change.
+        Follows beams to their origin, drops finished sentences, and gives each sentence its
+        beams after beam search's first step. Each run of `group` rows must come from one
+        sentence; the cross K/V are only touched when the sentences change.
         This cache is spent: its self-attention buffers move into the result, one layer at a
         time, so that a step never holds more than one layer's buffer beside them (they are
         most of its memory)."""
         N, n = self.self_k[0].size(0), self.memory_mask.size(0)
+        group = self.group if group is None else group
         if is_identity(rows, N):
             return self  # nothing moved: greedy steps where no sentence ended
         self_k, self_v = self.take_rows(self.self_k, rows), self.take_rows(self.self_v, rows)
-        sentences = rows.view(-1, self.group)[:, 0] // self.group  # (n',)
+        sentences = rows.view(-1, group)[:, 0] // self.group  # (n',)
         if is_identity(sentences, n):
-            return replace(self, self_k=self_k, self_v=self_v)
+            return replace(self, self_k=self_k, self_v=self_v, group=group)
 
         def pick(ts: list[Tensor] | None) -> list[Tensor] | None:
             return None if ts is None else [t.index_select(0, sentences) for t in ts]
 
         return replace(self, self_k=self_k, self_v=self_v, cross_k=pick(self.cross_k),
                        cross_v=pick(self.cross_v), cross_bias=pick(self.cross_bias),
-                       memory_mask=self.memory_mask.index_select(0, sentences))
+                       memory_mask=self.memory_mask.index_select(0, sentences), group=group)
 
     def take_rows(self, buffers: list[Tensor], rows: Tensor) -> list[Tensor]:
         """Buffers holding `rows` of the old ones (`buffers` empties), only the written

@@ -34,7 +34,7 @@ def generate(model: Transformer, src: Tensor, src_mask: Tensor, strategy: Strate
         rows = strategy.start(src.size(0), device)
         row_limit = limits[rows]  # (N,) each row's limit follows it like its cache
         # cross-attention K/V once per batch; a sentence's beams share them
-        cache = model.new_cache(memory, src_mask, group=rows.numel() // src.size(0))
+        cache = model.new_cache(memory, src_mask, group=strategy.group)
         tokens = torch.full((rows.numel(),), cfg.decoder_start_id, device=device)
         history = torch.zeros(rows.numel(), 0, dtype=torch.long, device=device)  # (N, t)
         state = utf8.start(rows.numel(), device) if utf8 is not None else None  # (N,)
@@ -62,7 +62,7 @@ def generate(model: Transformer, src: Tensor, src_mask: Tensor, strategy: Strate
             # 128 beam rows of 58k: 270,000 page faults a pass, 50,000 so)
             del logits, logprobs
             if rows.numel():
-                cache = cache.reorder(rows)
+                cache = cache.reorder(rows, strategy.group)
                 row_limit = row_limit[rows]
                 if utf8 is not None:
                     state = utf8.advance(state[rows], tokens)

@@ -47,7 +47,7 @@ class ScriptedCache:
     rows: list[tuple[int, Prefix]]
     started: bool = False  # False until the decoder-start token has been fed
 
-    def reorder(self, rows: torch.Tensor) -> ScriptedCache:
+    def reorder(self, rows: torch.Tensor, group: int | None = None) -> ScriptedCache:
         return ScriptedCache([self.rows[r] for r in rows.tolist()], self.started)
 
 
@@ -527,7 +527,7 @@ class PrefixCache:
     src_mask: torch.Tensor  # (N, S)
     prefix: torch.Tensor  # (N, t)
 
-    def reorder(self, rows: torch.Tensor) -> PrefixCache:
+    def reorder(self, rows: torch.Tensor, group: int | None = None) -> PrefixCache:
         return PrefixCache(self.memory[rows], self.src_mask[rows], self.prefix[rows])
 
 
@@ -570,6 +570,24 @@ def test_kv_cache_reordering_matches_uncached_decoding(random_model, tokenizer, 
     _, cached = run(random_model)
     _, uncached = run(Uncached(random_model))
     assert_same_nbest(cached, uncached)
+
+
+def test_beam_search_decodes_each_sentence_once_at_the_first_step(random_model, tokenizer,
+                                                                  monkeypatch):
+    """Beam search's first step decodes each sentence once, not once per beam (its beams would
+    all hold the same empty hypothesis); from the second step on a sentence has beam_size rows,
+    which all read its one copy of the cross-attention keys and values."""
+    seen, step = [], random_model.decode_step
+
+    def recording(tokens, cache):
+        seen.append((tokens.numel(), cache.group, cache.cross_k[0].size(0)))
+        return step(tokens, cache)
+
+    monkeypatch.setattr(random_model, "decode_step", recording)
+    # no EOS before the third token, so that no sentence ends within the steps looked at
+    decode_lines(random_model, tokenizer, LINES, strategy="beam", beam_size=4, min_length=3)
+    n = len(LINES)
+    assert seen[:3] == [(n, 1, n), (4 * n, 4, n), (4 * n, 4, n)]
 
 
 # ---- 6. batching does not change results -------------------------------------------------------
