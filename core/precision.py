@@ -41,11 +41,15 @@ def quantize_rows(weight) -> tuple[Tensor, Tensor]:
 
 
 def per_channel(q: Tensor, scale: Tensor) -> Tensor:
-    """An int8 matrix with one scale per row as a quantized tensor (a copy), for prepacking."""
+    """An int8 matrix with one scale per row as a quantized tensor over q's own memory, for
+    prepacking (torch's maker copies it: for a tied 58k x 512 output layer, a third 30 MB copy
+    beside the embedding table and the packing while it is made)."""
     zero = torch.zeros(q.size(0), dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated; these kernels are not
         warnings.simplefilter("ignore")
-        return torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        qt = torch._empty_per_channel_affine_quantized(
+            (0, q.size(1)), scales=scale.double(), zero_points=zero, axis=0, dtype=torch.qint8)
+    return qt.set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
 def on_packed(op, *args):
@@ -87,11 +91,14 @@ class Int8Linear(nn.Module):
     oneDNN's layers quantize activations to all 8 bits, not 7: on Multi30k test2016 the de-en
     model's int8 BLEU went from 42.05 to 42.42 that way (float32 42.36; fbgemm alone 42.23).
 
-    fbgemm's packing of a wide layer (the output layer) is in blocks of BLOCK output rows, each
-    computed into its slice of the result: fbgemm gives every call an int32 buffer as large as
-    its output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and the
-    heap keeps what that churns (one such call: 444 MB peak whole, 341 blocked; the benchmark
-    model's load: 402 and 374 MB). oneDNN writes its sums scaled into the result: one block."""
+    fbgemm's packing is whole until the layer's first call with ONEDNN_ROWS rows or more.
+    There a wide layer (the output layer) goes over to blocks of BLOCK output rows for good,
+    each computed into its slice of the result: fbgemm gives every call an int32 buffer as large
+    as its output, 30 MB for 128 beam rows of a 58k vocabulary beside the 30 MB of logits, and
+    the heap keeps what that churns (one such call: 444 MB peak whole, 341 blocked). At a
+    decoding step's few rows one call is faster than BLOCK's 8 calls and copies (Intel Xeon
+    with AMX, 2 threads, a 58k x 512 layer: 0.90 ms against 1.32 at one row, 1.29 against 1.94
+    at 4). oneDNN writes its sums scaled into the result: one block."""
 
     BLOCK = 8192
     # fbgemm to start with where torch has it, and oneDNN to move to
@@ -106,24 +113,42 @@ class Int8Linear(nn.Module):
     # CTranslate2's best, against 0.90x before and 0.97x with this one)
     ONEDNN_WIN = 1.1
 
-    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None):
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 shared: bool = False):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.engine = self.FIRST
-        self.packed = self.pack(q, scale, bias)
+        self.packed = self.pack(q, scale, bias, self.out_features)
+        # where the int8 matrix is held anyway (`shared`: the tied output layer's is the
+        # embedding table), blocks and oneDNN's packing are made from it: unpacking the packing
+        # took about as long as packing (Intel Xeon with AMX, a 58k x 512 layer: 0.34-0.38 s,
+        # packing 0.38-0.50)
+        self.shared = (q, scale, bias) if shared else None
 
-    def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> list:
-        """fbgemm's packing (or, without fbgemm, the default engine's), in blocks of BLOCK rows."""
+    def pack(self, q: Tensor, scale: Tensor, bias: Tensor | None, block: int) -> list:
+        """fbgemm's packing (or, without fbgemm, the default engine's), in blocks of `block`
+        rows."""
         with quantized_engine(self.FIRST):
             return [torch.ops.quantized.linear_prepack(
-                per_channel(q[i:i + self.BLOCK], scale[i:i + self.BLOCK]),
-                None if bias is None else bias[i:i + self.BLOCK].detach().float())
-                for i in range(0, q.size(0), self.BLOCK)]
+                per_channel(q[i:i + block], scale[i:i + block]),
+                None if bias is None else bias[i:i + block].detach().float())
+                for i in range(0, q.size(0), block)]
+
+    def in_blocks(self) -> None:
+        """Go over from one packing to blocks of BLOCK rows, if the layer is wider."""
+        if self.engine == self.FIRST and len(self.packed) == 1 and self.out_features > self.BLOCK:
+            matrix = self.shared or self.unpacked(self.packed)  # the packing emptied
+            self.packed.clear()
+            self.packed = self.pack(*matrix, self.BLOCK)
+            give_back_memory()
 
     def onednn_packing(self, packed: list) -> list:
         """oneDNN's packing of the weights in fbgemm's `packed`, which empties as it goes
         (where it is the layer's own, each block is freed once read: moving never holds more
-        than the int8 matrix beside where it ends)."""
+        than the int8 matrix beside where it ends), or of the shared matrix."""
+        if self.shared is not None:
+            packed.clear()
+            return [OneDNNInt8(*self.shared)]
         return [OneDNNInt8(*self.unpacked(packed))]
 
     def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -151,8 +176,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows >= self.ONEDNN_ROWS and self.MOVABLE and self.engine != "onednn":
-            self.choose_engine(rows)
+        if rows >= self.ONEDNN_ROWS and self.engine == self.FIRST:
+            if self.MOVABLE:
+                self.choose_engine(rows)
+            self.in_blocks()  # where it stays with fbgemm
         return self.run(x.float(), self.packed, self.seven_bits)
 
     @property
@@ -200,11 +227,13 @@ class Int8Linear(nn.Module):
 
     def before_fork(self, threads: int) -> None:
         """Move now if processes of `threads` threads chose oneDNN for this shape at some row
-        count, so that workers forked next share one packing rather than each making their own."""
+        count, else go over to blocks, so that workers forked next (for batches) share one
+        packing rather than each making their own."""
         shape = (self.out_features, self.in_features)
         if self.MOVABLE and self.engine != "onednn" and kernels.chooser(
                 "int8", threads).chosen_anywhere(shape, "onednn"):
             self.move_to_onednn()
+        self.in_blocks()  # where it stays with fbgemm
 
 
 class OneDNNInt8:
@@ -546,7 +575,7 @@ def convert(model: nn.Module, name: str, tensors: dict, dtype: str, device: torc
         model.embed = Int8Embeddings(q, scale, module.scale)
         if tied:  # the same int8 matrix, and the logits bias inside its kernel (a pass over
             # (N, V) saved per step)
-            model.lm_head = Int8Linear(q, scale, model.logits_bias)
+            model.lm_head = Int8Linear(q, scale, model.logits_bias, shared=True)
             model.logits_bias = None
     elif name == "embed" and dtype == "float16":
         if tied:  # fbgemm packs a copy of its own; the logits bias is added after it

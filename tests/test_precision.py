@@ -310,16 +310,27 @@ def test_int8_matrices_are_read_in_slices(model_dir):
     assert all(n.endswith((".bias", "norm.weight", "logits_bias")) for n in read), read
 
 
-def test_a_wide_int8_layer_in_blocks_computes_what_one_block_does(monkeypatch):
-    """The output layer is packed in blocks of rows; every logit lands in its own column."""
-    torch.manual_seed(0)
-    weight, bias, x = torch.randn(100, 32), torch.randn(100), torch.randn(3, 5, 32)
-    whole = Int8Linear.from_float(weight, bias)
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_a_wide_int8_layer_goes_over_to_blocks_at_a_batch_and_computes_the_same(shared,
+                                                                             monkeypatch):
+    """The output layer is one packing for a decoding step's few rows (one call, where blocks
+    take one each), and goes over to blocks of rows for good at its first batch, which would
+    give fbgemm's int32 buffer the size of all its logits; every logit lands in its own
+    column, as one packing computes it. Blocks come from the packing, or from the int8 matrix
+    where it is shared (the tied output layer's embedding table)."""
+    int8_chooser(monkeypatch, forced="fbgemm")  # stays with fbgemm
     monkeypatch.setattr(Int8Linear, "BLOCK", 16)
-    blocked = Int8Linear.from_float(weight, bias)
-    assert len(blocked.packed) == 7 and len(whole.packed) == 1
+    torch.manual_seed(0)
+    weight, bias = torch.randn(100, 32), torch.randn(100)
+    layer = Int8Linear(*quantize_rows(weight), bias, shared=shared)
+    whole = Int8Linear.from_float(weight, bias)
+    few, batch = torch.randn(3, 5, 32), torch.randn(Int8Linear.ONEDNN_ROWS, 32)
     with torch.inference_mode():
-        torch.testing.assert_close(blocked(x), whole(x))
+        want_few, want_batch = whole.run(few, whole.packed), whole.run(batch, whole.packed)
+        assert torch.equal(layer(few), want_few) and len(layer.packed) == 1
+        torch.testing.assert_close(layer(batch), want_batch)
+        assert len(layer.packed) == 7
+        torch.testing.assert_close(layer(few), want_few)
 
 
 def int8_chooser(monkeypatch, forced=None):
@@ -329,8 +340,9 @@ def int8_chooser(monkeypatch, forced=None):
 
 
 @needs_onednn
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
 @pytest.mark.parametrize("block", [8192, 16])
-def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(block,
+def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(block, shared,
                                                                            monkeypatch):
     """Forced to oneDNN, a layer stays with fbgemm for one sentence's rows and moves, whole,
     once a batch comes; its results agree to float rounding (the same quantization)."""
@@ -339,7 +351,8 @@ def test_an_int8_layer_moves_to_onednn_for_batches_only_and_computes_the_same(bl
     monkeypatch.setattr(Int8Linear, "BLOCK", block)
     torch.manual_seed(0)
     weight, bias = torch.randn(100, 48), torch.randn(100)
-    layer, kept = Int8Linear.from_float(weight, bias), Int8Linear.from_float(weight, bias)
+    layer = Int8Linear(*quantize_rows(weight), bias, shared=shared)
+    kept = Int8Linear.from_float(weight, bias)
     few, batch = torch.randn(2, 3, 48), torch.randn(40, 48)
     with torch.inference_mode():
         want_few, want_batch = kept.run(few, kept.packed), kept.run(batch, kept.packed)
