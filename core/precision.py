@@ -137,19 +137,21 @@ class Int8Linear(nn.Module):
     def in_blocks(self) -> None:
         """Go over from one packing to blocks of BLOCK rows, if the layer is wider."""
         if self.engine == self.FIRST and len(self.packed) == 1 and self.out_features > self.BLOCK:
-            matrix = self.shared or self.unpacked(self.packed)  # the packing emptied
-            self.packed.clear()
-            self.packed = self.pack(*matrix, self.BLOCK)
+            self.packed = self.pack(*self.matrix(self.packed), self.BLOCK)
             give_back_memory()
 
     def onednn_packing(self, packed: list) -> list:
-        """oneDNN's packing of the weights in fbgemm's `packed`, which empties as it goes
-        (where it is the layer's own, each block is freed once read: moving never holds more
-        than the int8 matrix beside where it ends), or of the shared matrix."""
-        if self.shared is not None:
-            packed.clear()
-            return [OneDNNInt8(*self.shared)]
-        return [OneDNNInt8(*self.unpacked(packed))]
+        """oneDNN's packing of the weights in fbgemm's `packed` (see matrix())."""
+        return [OneDNNInt8(*self.matrix(packed))]
+
+    def matrix(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The int8 matrix, its row scales and the bias: the shared ones, or out of `packed`.
+        `packed` empties either way (where it is the layer's own, each block is freed once
+        read: repacking never holds more than the int8 matrix beside where it ends)."""
+        if self.shared is None:
+            return self.unpacked(packed)
+        packed.clear()
+        return self.shared
 
     def unpacked(self, packed: list) -> tuple[Tensor, Tensor, Tensor | None]:
         """The int8 matrix, its row scales and the bias, out of `packed`, which empties."""
