@@ -22,8 +22,9 @@ that moment) serves this process but is not kept: timings taken then say little,
 choice would stay.
 
 Which weight layout a shape's layers keep, column-major or oneDNN's own packed one (which its
-product reads faster at a few rows and more), is tried the same way on their calls once the
-shape's kernel is chosen (core.precision.TunedLinear) and kept in the same file.
+product reads faster at a few rows and more), is tried the same way on their calls of more
+than one row once the shape's kernel is chosen (core.precision.TunedLinear) and kept in the
+same file.
 
 Calls with one row (a decoding step of one sentence, greedily or sampled) may go instead to
 RowBlocks over a row-major copy of the matrix, tried in pairs of calls against the layer's own
@@ -161,9 +162,9 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 PACKABLE = "onednn" in KERNELS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 LAYOUT_PAIRS = 16  # timed pairs of calls (packed, plain) that decide a shape's layout
 # packed is kept unless the plain weight is this much faster: one layout serves every row
-# count, a trial sees mostly the first it meets, and on a Zen 4 EPYC the two are within 10%
-# of each other at one row (2048 x 512: plain 0.183 ms, packed 0.202) while packed takes
-# 0.59-0.73 of plain's time at 4 and 32 rows
+# count of more than one, and a trial sees mostly the first it meets (on a Zen 4 EPYC packed
+# takes 0.59-0.73 of plain's time at 4 and 32 rows; at one row, which does not take part,
+# the two are within 10% of each other: 2048 x 512 plain 0.183 ms, packed 0.202)
 LAYOUT_MARGIN = 1.1
 # a layer's calls with one row: its own way (kernel and layout as chosen) or RowBlocks over a
 # row-major copy, which must win by ROW_MAJOR_WIN: it holds the matrix a second time

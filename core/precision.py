@@ -303,14 +303,20 @@ class TunedLinear(nn.Module):
     measured fastest here for its shape and rows (core.kernels), or, where measured faster for
     its shape on this CPU, moved to oneDNN's own packed layout for good. Same state dict.
 
-    The layout is tried on the model's own calls once the shape's kernel is chosen: the first
-    few layers of the shape called with a row count (LAYOUT_LAYERS) hold a packed copy beside
-    their weight and alternate between the two, and each pair of calls at the same rows goes
-    to the chooser, which keeps a layout (core.kernels.Chooser.compare_layouts); every layer
-    of the shape follows it. A kept "packed" packs at load, so that forked workers share the
-    packed weights.
+    The layout is tried on the model's own calls of more than one row once the shape's kernel
+    is chosen: the first few layers of the shape called twice with a row count (LAYOUT_LAYERS)
+    hold a packed copy beside their weight and alternate between the two, and each pair of
+    calls at the same rows goes to the chooser, which keeps a layout
+    (core.kernels.Chooser.compare_layouts); every layer of the shape follows it. A kept
+    "packed" packs at load, so that forked workers share the packed weights. One-row calls take
+    no part: they have a trial of their own (below), and at one row the two layouts are so
+    close that a layout decided there came out packed or plain by chance (Zen 4 EPYC, four
+    fresh trials on one sentence decoded greedily: 2048 x 512 plain in all four, 512 x 512 and
+    1536 x 512 in two), while at a batch's rows packed reads 1.2-1.7x faster there. Until the
+    layout is decided, calls take the plain weight.
 
-    Calls with one row then try the layer's own way against kernels.RowBlocks over a row-major
+    Calls with one row try the layer's own way (the plain weight's kernel at one row, or the
+    packed layout once kept) against kernels.RowBlocks over a row-major
     copy of its matrix the same way, and where the copy wins (kernels.ROW_MAJOR_WIN), every
     layer of the shape makes one on its first one-row call and keeps it: a second copy of the
     matrix, held only by the layers of a process that decodes one row at a time (the decoder,
@@ -327,7 +333,8 @@ class TunedLinear(nn.Module):
         self.pending: tuple[str, int, float] | None = None  # the trial's last call: layout,
         # rows, seconds
         self.calls = 0  # calls in the layout trial
-        self.trying: dict[int, bool] = {}  # row bucket: whether this layer takes part
+        self.trying: dict[int, bool | None] = {}  # row bucket: whether this layer takes part
+        # in the layout trial (None: called once so far)
         self.one_row: str | None = None  # how one-row calls go, once the shape's trial is over
         self.one_row_trial: bool | None = None  # whether this layer takes part in it
         self.row_major: kernels.RowBlocks | None = None  # over the matrix row-major: one row
@@ -368,9 +375,13 @@ class TunedLinear(nn.Module):
             self.pack_for_good()
             return kernels.onednn(x, self.packed, self.bias)
         rows = kernels.rows(x)
-        if layout is None and chooser.settled(self.shape, rows):
+        if layout is None and rows > 1 and chooser.settled(self.shape, rows):
             bucket = kernels.bucket(rows)
+            # a layer takes part from its second call at these rows: one called once (an
+            # encoder layer, for one sentence) would hold a packed copy and time no pair
             if bucket not in self.trying:
+                self.trying[bucket] = None
+            elif self.trying[bucket] is None:
                 self.trying[bucket] = chooser.enlist(chooser.key(self.shape, rows))
             if self.trying[bucket]:
                 return self.try_layouts(x)
@@ -397,15 +408,16 @@ class TunedLinear(nn.Module):
     def at_one_row(self, x: Tensor) -> Tensor:
         """A one-row call before this layer knows its one-row way: the shape's, where the
         chooser has one (the row-major copy made or freed to follow it); else, once the own way
-        is settled (a layout, and for the plain one a kernel at one row), a call of the trial
-        where this layer takes part (the first LAYOUT_LAYERS of the shape), or the own way."""
+        at one row is settled (the packed layout, or the plain weight's kernel at one row,
+        whether or not the layout is decided), a call of the trial where this layer takes part
+        (the first LAYOUT_LAYERS of the shape), or the own way."""
         chooser = kernels.chooser()
         self.one_row = chooser.one_row(self.shape)
         if self.one_row is not None:
             self.row_major = self.row_major_copy() if self.one_row == "row-major" else None
             return self(x)
         layout = chooser.layout(self.shape) if kernels.PACKABLE else "plain"
-        if layout == "packed" or layout == "plain" and chooser.settled(self.shape, 1):
+        if layout == "packed" or chooser.settled(self.shape, 1):
             if self.one_row_trial is None:
                 self.one_row_trial = chooser.enlist(chooser.one_row_key(self.shape))
             if self.one_row_trial:

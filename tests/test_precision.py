@@ -483,27 +483,29 @@ def rigged(monkeypatch, chooser, method, ratio: float) -> list:
     return compared
 
 
-def layers_after_a_trial(linear, x, decision, holds_both) -> list[TunedLinear]:
+def layers_after_a_trial(linear, x, decision, holds_both, first: int = 1) -> list[TunedLinear]:
     """Six TunedLinear copies of `linear`, each called on x (and checked against `linear`) until
-    `decision()` is made; meanwhile the first LAYOUT_LAYERS take part, holding both forms."""
+    `decision()` is made; meanwhile, from their `first` call, the first LAYOUT_LAYERS take
+    part, holding both forms."""
     layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
-    for _ in range(2 * kernels.LAYOUT_PAIRS + 2):  # a pair per two calls, after an untimed one
-        if decision() is not None:
+    for call in range(1, 2 * kernels.LAYOUT_PAIRS + 1 + first):  # a pair per two calls, after
+        if decision() is not None:  # an untimed one
             return layers
         for layer in layers:
             torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
         if decision() is None:
-            assert sum(map(holds_both, layers)) == kernels.LAYOUT_LAYERS
+            taking_part = kernels.LAYOUT_LAYERS if call >= first else 0
+            assert sum(map(holds_both, layers)) == taking_part
     assert decision() is not None
     return layers
 
 
 @needs_packing
 def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypatch):
-    """Once its kernel is chosen, a layer alternates between its plain weight and a packed
-    copy, computing the layer all along; its pairs of calls decide the shape's layout, and
-    every layer of the shape follows: packed (the plain weight freed) or plain (the copy
-    freed)."""
+    """Once its kernel is chosen, a layer called again with as many rows alternates between
+    its plain weight and a packed copy, computing the layer all along; its pairs of calls
+    decide the shape's layout, and every layer of the shape follows: packed (the plain weight
+    freed) or plain (the copy freed)."""
     for ratio, layout in ((0.5, "packed"), (1.05, "packed"), (1.5, "plain")):
         chooser = kernels.Chooser(tmp_path / f"{layout}{ratio}.json")
         chooser.table["200x48@4"] = "mkl"  # the kernel chosen: the layout trial may start
@@ -514,13 +516,36 @@ def test_a_layer_tries_both_layouts_and_moves_to_the_one_kept(tmp_path, monkeypa
         linear, x = nn.Linear(48, 200), torch.randn(4, 48)
         with torch.inference_mode():
             layers = layers_after_a_trial(linear, x, lambda: chooser.layout((200, 48)),
-                                          lambda layer: layer.packed is not None)
+                                          lambda layer: layer.packed is not None, first=2)
             for layer in layers:
                 torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
                 assert (layer.weight is None) == (layout == "packed")
                 assert (layer.packed is None) == (layout == "plain")
         assert len(compared) == kernels.LAYOUT_PAIRS and chooser.layout((200, 48)) == layout
         assert kernels.Chooser(chooser.path).layout((200, 48)) == layout  # kept
+
+
+@needs_packing
+def test_one_row_calls_and_single_calls_leave_the_layout_undecided(tmp_path, monkeypatch):
+    """The layout is tried on calls of more rows only: one-row calls, however many, take no
+    part (they try the row-major copy against the plain weight, whose layout is still open),
+    nor do layers called once with a row count (an encoder's, for one sentence), which hold
+    no packed copy."""
+    chooser = kernels.Chooser(tmp_path / "kernels.json")
+    chooser.table.update({"200x48@1": "mkl", "200x48@4": "mkl"})
+    monkeypatch.setitem(kernels._choosers, "float32", chooser)
+    monkeypatch.setattr(kernels, "busy", lambda threads: False)
+    compared = rigged(monkeypatch, chooser, "compare_layouts", 0.5)
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, 200), torch.randn(1, 48)
+    with torch.inference_mode():
+        layers = layers_after_a_trial(linear, x, lambda: chooser.one_row((200, 48)),
+                                      lambda layer: layer.row_major is not None)
+        x4 = torch.randn(4, 48)
+        for layer in layers:  # once each
+            torch.testing.assert_close(layer(x4), linear(x4), rtol=1e-5, atol=1e-5)
+    assert chooser.one_row((200, 48)) is not None and chooser.layout((200, 48)) is None
+    assert not compared and all(layer.packed is None for layer in layers)
 
 
 @pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (3, 48), (2, 3, 48), (0, 48)])
