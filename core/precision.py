@@ -312,17 +312,16 @@ class TunedLinear(nn.Module):
     no part: they have a trial of their own (below), and at one row the two layouts are so
     close that a layout decided there came out packed or plain by chance (Zen 4 EPYC, four
     fresh trials on one sentence decoded greedily: 2048 x 512 plain in all four, 512 x 512 and
-    1536 x 512 in two), while at a batch's rows packed reads 1.2-1.7x faster there. Until the
-    layout is decided, calls take the plain weight.
+    1536 x 512 in two), while at a batch's rows packed is 1.2-1.7x as fast. Until the layout
+    is decided, calls take the plain weight.
 
     Calls with one row try the layer's own way (the plain weight's kernel at one row, or the
-    packed layout once kept) against kernels.RowBlocks over a row-major
-    copy of its matrix the same way, and where the copy wins (kernels.ROW_MAJOR_WIN), every
-    layer of the shape makes one on its first one-row call and keeps it: a second copy of the
-    matrix, held only by the layers of a process that decodes one row at a time (the decoder,
-    for one sentence greedily or sampled; Zen 4 EPYC, 2 threads: 72 MB for the benchmark
-    model's decoder, whose peak RSS goes from 592 to 646 MB, and a greedy sentence 1.20-1.26x
-    as fast)."""
+    packed layout once kept) against kernels.RowBlocks over a row-major copy of its matrix the
+    same way, and where the copy wins (kernels.ROW_MAJOR_WIN), every layer of the shape makes
+    one on its first one-row call and keeps it: a second copy of the matrix, held only by the
+    layers of a process that decodes one row at a time (the decoder, for one sentence greedily
+    or sampled; Zen 4 EPYC, 2 threads: 72 MB for the benchmark model's decoder, whose peak RSS
+    goes from 592 to 646 MB, and a greedy sentence 1.20-1.26x as fast)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__()

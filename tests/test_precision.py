@@ -488,8 +488,9 @@ def layers_after_a_trial(linear, x, decision, holds_both, first: int = 1) -> lis
     `decision()` is made; meanwhile, from their `first` call, the first LAYOUT_LAYERS take
     part, holding both forms."""
     layers = [TunedLinear(linear.weight, linear.bias) for _ in range(6)]
-    for call in range(1, 2 * kernels.LAYOUT_PAIRS + 1 + first):  # a pair per two calls, after
-        if decision() is not None:  # an untimed one
+    # a pair per two calls, after an untimed one
+    for call in range(1, 2 * kernels.LAYOUT_PAIRS + 1 + first):
+        if decision() is not None:
             return layers
         for layer in layers:
             torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
