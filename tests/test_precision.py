@@ -561,6 +561,17 @@ def test_row_blocks_computes_the_layer_from_the_row_major_matrix(shape, out):
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 48), (0, 48)])
+def test_the_row_major_copy_is_a_copy_of_its_own(shape):
+    """The copy one-row calls read (in a mapping of its own, for 2 MB pages): the matrix,
+    row-major, unchanged by later writes to the original, whose memory it does not share."""
+    matrix = torch.randn(shape).t().contiguous().t()  # column-major, as a layer holds it
+    copy = precision.row_major_in_huge_pages(matrix)
+    assert copy.is_contiguous() and torch.equal(copy, matrix)
+    matrix.add_(1)
+    assert not copy.numel() or not torch.equal(copy, matrix)
+
+
 @pytest.mark.parametrize("layout", ["plain", pytest.param("packed", marks=needs_packing)])
 def test_one_row_calls_try_a_row_major_copy_and_every_layer_follows_the_choice(
         layout, tmp_path, monkeypatch):
