@@ -12,7 +12,6 @@ and int8 dot products where the CPU has them."""
 
 from __future__ import annotations
 
-import ctypes
 import time
 import warnings
 from contextlib import contextmanager
@@ -657,22 +656,13 @@ def before_fork(model: nn.Module, threads: int) -> None:
             layer.before_fork(threads)
 
 
-MADV_HUGEPAGE = 14  # Linux's
-
-
 def column_major_in_huge_pages(weight: Tensor) -> Tensor:
     """A column-major copy of `weight` (out, in), in 2 MB pages where Linux gives them on
     request (transparent huge pages in "madvise" mode, as Ubuntu ships it): a decoding step
     with one row streams the tied output layer's whole matrix, and with 4 KB pages takes a TLB
     miss every 4 KB of it (opus-mt's 58k x 512 matrix, one sentence greedily, Zen 4 EPYC:
     1.014x, 1.019x, 1.053x and 1.059x, one process switching between two copies)."""
-    copy = weight.new_empty(weight.shape[::-1])  # (in, out)
-    libc, huge = machine.glibc(), 2 << 20
-    start = -(-copy.data_ptr() // huge) * huge  # the whole 2 MB pages inside the copy
-    end = (copy.data_ptr() + copy.numel() * copy.element_size()) // huge * huge
-    if libc is not None and end > start:  # before any page is touched; a refusal changes nothing
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
-    return copy.copy_(weight.t()).t()  # (out, in), strides (1, out)
+    return row_major_in_huge_pages(weight.t()).t()  # (out, in), strides (1, out)
 
 
 def row_major_in_huge_pages(matrix: Tensor) -> Tensor:
