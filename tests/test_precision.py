@@ -728,10 +728,11 @@ def test_another_thread_counts_choices_leave_this_process_chooser_alone(monkeypa
 def test_a_handicapped_kernel_must_win_by_its_handicap():
     """The tied output layer's packed copy costs memory: it is chosen only when faster by
     more than its handicap."""
-    trial = kernels.Trial(("plain", "packed"), {"plain": [0.010] * 5, "packed": [0.009] * 5})
+    n = kernels.TIMED_CALLS
+    trial = kernels.Trial(("plain", "packed"), {"plain": [0.010] * n, "packed": [0.009] * n})
     assert trial.winner() == "packed"
     assert trial.winner({"packed": 1.15}) == "plain"
-    trial.seconds["packed"] = [0.008] * 5
+    trial.seconds["packed"] = [0.008] * n
     assert trial.winner({"packed": 1.15}) == "packed"
 
 
