@@ -19,6 +19,7 @@ from conftest import tiny_model
 
 from core.config import ModelConfig
 from core.errors import UsageError
+from core import search
 from core.generate import generate
 from core.search import (NEG_INF, BeamSearch, DecodeOptions, Hypothesis, Sampling, Step,
                          largest, length_penalty, temperature, top_k, top_p)
@@ -495,10 +496,13 @@ def test_temperature_sharpens_or_flattens():
 @pytest.mark.parametrize("rows, vocab, k", [(1, 58101, 1), (5, 58101, 8), (3, 9000, 5),
                                              (4, 32000, 10), (3, 25603, 8), (2, 300, 8),
                                              (4, 50, 3)])
-def test_largest_equals_torch_topk(rows, vocab, k):
+@pytest.mark.parametrize("blocks_from", [0, search.BLOCKS_FROM])
+def test_largest_equals_torch_topk(rows, vocab, k, blocks_from, monkeypatch):
     """largest() gives torch.topk's values and columns, wherever the winners are: spread out,
     all in one block, or in the columns after the last whole block (fewer than k of them
-    there: 25,603 is 200 blocks of 128 and 3)."""
+    there: 25,603 is 200 blocks of 128 and 3); narrowed by blocks at any size (BLOCKS_FROM 0)
+    or from where it does so."""
+    monkeypatch.setattr(search, "BLOCKS_FROM", blocks_from)
     g = torch.Generator().manual_seed(vocab + k)
     x = torch.randn(rows, vocab, generator=g)
     x[0, :k] += 10  # one block holds all the winners
