@@ -51,23 +51,19 @@ def sinusoid_table(n_positions: int, d: int, layout: str) -> Tensor:
     return table.float()  # (P, D)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout. On the CPU the mask comes from random bytes, keeping 256 - round(256p)
-    of every 256: half the time of torch's bernoulli mask (forward and backward, 2.6 vs 5.2 ms
-    for a 150 x 15 x 256 batch on 2 cores)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        drop = round(self.p * 256)
-        if x.device.type != "cpu" or not 0 < drop < 256:
-            return F.dropout(x, self.p, training=True)
-        keep = torch.empty(x.shape, dtype=torch.uint8).random_().ge_(drop)
-        return x * keep.to(x.dtype).mul_(256 / (256 - drop))
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout, while training (else x itself). On the CPU the mask comes from random
+    bytes, keeping 256 - round(256p) of every 256: half the time of torch's bernoulli mask
+    (forward and backward, 2.6 vs 5.2 ms for a 150 x 15 x 256 batch on 2 cores). A function,
+    not a module: every sub-layer's output passes through it, 24 times a decoding step of a
+    6-layer decoder, and a module's call took 5.8 us to return x (Zen 4 EPYC)."""
+    if not training or p == 0.0:
+        return x
+    drop = round(p * 256)
+    if x.device.type != "cpu" or not 0 < drop < 256:
+        return F.dropout(x, p, training=True)
+    keep = torch.empty(x.shape, dtype=torch.uint8).random_().ge_(drop)
+    return x * keep.to(x.dtype).mul_(256 / (256 - drop))
 
 
 class PositionalEncoding(nn.Module):
@@ -230,10 +226,10 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.act = ACTIVATIONS[cfg.activation]
-        self.dropout = Dropout(cfg.activation_dropout)
+        self.dropout = cfg.activation_dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))  # (B, T, D)
+        return self.fc2(dropout(self.act(self.fc1(x)), self.dropout, self.training))  # (B, T, D)
 
 
 class AddNorm(nn.Module):
@@ -242,13 +238,13 @@ class AddNorm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.norm_first = cfg.norm_first
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
         if self.norm_first:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+            return x + dropout(sublayer(self.norm(x)), self.dropout, self.training)
+        return self.norm(x + dropout(sublayer(x), self.dropout, self.training))
 
 
 class EncoderLayer(nn.Module):
@@ -311,7 +307,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = Embeddings(cfg)
         self.positions = PositionalEncoding(cfg)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # pre-norm leaves the residual stream un-normalised: one norm closes each stack
@@ -336,7 +332,8 @@ class Transformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=self.cfg.d_model ** -0.5)
 
     def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        return self.dropout(self.positions(self.embed(tokens), offset))  # (B, T, D)
+        return dropout(self.positions(self.embed(tokens), offset), self.dropout,
+                       self.training)  # (B, T, D)
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """Run the encoder once: (B, S) token ids and (B, S) real-token mask -> (B, S, D)."""
