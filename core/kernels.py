@@ -178,11 +178,11 @@ LAYOUT_LAYERS = 4  # layers of a shape and row bucket that try both layouts (eac
 INT8_ENGINES = (("fbgemm",) if "fbgemm" in torch.backends.quantized.supported_engines else ()) + (
     ("onednn",) if torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.onednn, "qlinear_pointwise") else ())
-TIMED_CALLS = 7  # per kernel, after one untimed call. A choice is for good: with 3, the 58k x
-# 512 output layer's at one row (calls of 5 ms, so 3 ended its trial) went to MKL, 1.2-1.4x as slow as
-# split2, in 2 of 7 first runs on a fresh cache, with every other trial running beside it (float32
-# W1 of benchmarks/, Zen 4 EPYC); 6 of 6 runs with only its choice cleared, and 8 of 8 fresh ones
-# with 7, took split2 or split8 (as fast). Calls under 0.43 ms took 7 or more already
+TIMED_CALLS = 7  # per kernel, after one untimed call. A choice is for good: with 3, the
+# 58k x 512 output layer's at one row (calls of 5 ms, so 3 ended its trial) went to MKL, 1.2-1.4x
+# as slow as split2, in 2 of 7 first runs on a fresh cache, every other trial running beside it
+# (float32 W1 of benchmarks/, Zen 4 EPYC); 6 of 6 runs with only its choice cleared, and 8 of 8
+# fresh ones with 7, took split2 or split8 (as fast). Calls under 0.43 ms took 7 or more already
 TRIAL_SECONDS = 0.003  # per kernel on trial, at least (about 30 calls of a 512 x 512 layer)
 TRIAL_CALLS = 48  # or this many calls, where 3 ms takes more
 
