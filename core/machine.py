@@ -85,12 +85,12 @@ def calm_threads_when_busy(environ=os.environ) -> None:
 
 @functools.cache
 def glibc():
-    """glibc (malloc_trim, mallopt, madvise), or None where there is no glibc."""
+    """glibc (malloc_trim, mallopt), or None where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if all(hasattr(libc, f) for f in ("malloc_trim", "mallopt", "madvise")) else None
+    return libc if all(hasattr(libc, f) for f in ("malloc_trim", "mallopt")) else None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
