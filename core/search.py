@@ -77,6 +77,10 @@ def largest(x: Tensor, k: int, *, size: int = 128) -> tuple[Tensor, Tensor]:
     N, V = x.shape
     blocks = V // size
     if k > blocks or N * V < BLOCKS_FROM:
+        if k == 1:  # argmax's scan beats topk's search: greedy decoding's pick, one row of
+            # 58k in place, 90-155 us against 170-271 (Zen 3 EPYC, 2 threads)
+            at = x.argmax(-1, keepdim=True)  # (N, 1) the first highest column
+            return x.gather(1, at), at
         return x.topk(k, dim=-1)
     body = x[:, : blocks * size].view(N, blocks, size)  # (N, blocks, size), a view
     top_blocks = body.amax(-1).topk(k, dim=-1).indices  # (N, k)
