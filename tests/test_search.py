@@ -513,6 +513,16 @@ def test_largest_equals_torch_topk(rows, vocab, k, blocks_from, monkeypatch):
     assert torch.equal(values, want.values) and torch.equal(columns, want.indices)
 
 
+def test_largest_one_takes_the_first_of_tied_columns():
+    """Greedy decoding's pick below BLOCKS_FROM: of equal highest values, the first column, as
+    torch.argmax (and Hugging Face's greedy search) takes it."""
+    x = torch.zeros(2, 58101)
+    x[0, [7, 4000, 58100]] = 3.0
+    x[1, [58099, 58100]] = 3.0
+    values, columns = largest(x, 1)
+    assert columns[:, 0].tolist() == [7, 58099] and values[:, 0].tolist() == [3.0, 3.0]
+
+
 def test_length_penalty_is_gnmt():
     """The penalty is ((5 + length) / 6) ^ alpha; alpha = 0 leaves scores as plain sums."""
     assert length_penalty(17, 0.0) == 1.0
