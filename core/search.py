@@ -68,12 +68,12 @@ def largest(x: Tensor, k: int, *, size: int = 128) -> tuple[Tensor, Tensor]:
     block. Zen 3 EPYC, 2 threads: 128 rows' 8 best of 58k 1.58 ms (torch.topk 4.97, blocks of
     256 1.78), 160 rows' 10 best of 8,000 0.75 (torch.topk 1.00, blocks of 256 0.94). Its dozen
     operations cost about 0.2 ms where a decoding step calls it, just after the output layer,
-    so below BLOCKS_FROM values in all torch.topk's one call is the faster (Zen 4 EPYC, 2
-    threads, 119 MB streamed before each call, ms, blocks against torch.topk: one row's best of
-    58k 0.26 against 0.14, 4 rows' 8 best 0.29 against 0.24, 8 rows' 0.49 against 0.65; 16
-    rows' 8 best of 32,000 0.42 against 0.56). Shorter rows favour torch.topk a little further:
-    just above it, 8 rows' 8 best of 32,000 took 0.23 against 0.20, 32 rows' of 8,000 0.34
-    against 0.23."""
+    so below BLOCKS_FROM values in all one call is the faster: torch.topk's, or for k = 1
+    argmax's, whose tie goes to the first column (Zen 4 EPYC, 2 threads, 119 MB streamed before
+    each call, ms, blocks against torch.topk: one row's best of 58k 0.26 against 0.14, 4 rows'
+    8 best 0.29 against 0.24, 8 rows' 0.49 against 0.65; 16 rows' 8 best of 32,000 0.42 against
+    0.56). Shorter rows favour torch.topk a little further: just above it, 8 rows' 8 best of
+    32,000 took 0.23 against 0.20, 32 rows' of 8,000 0.34 against 0.23."""
     N, V = x.shape
     blocks = V // size
     if k > blocks or N * V < BLOCKS_FROM:
