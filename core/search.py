@@ -153,15 +153,18 @@ class Sampling(Strategy):
         self.scores = torch.zeros(batch_size, device=device)
         return torch.arange(batch_size, device=device)
 
-    def choose(self, logprobs: Tensor) -> Tensor:
+    def choose(self, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's token and its log-probability: (N,), (N,)."""
         if self.t == 0:
-            return largest(logprobs, 1)[1][:, 0]  # (N,) the arg-max
+            values, columns = largest(logprobs, 1)  # (N, 1) the arg-max and its value
+            return columns[:, 0], values[:, 0]
         logits = top_p(top_k(temperature(logprobs, self.t), self.k), self.p)
-        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+        chosen = torch.multinomial(logits.softmax(-1), 1, generator=self.generator)  # (N, 1)
+        return chosen[:, 0], logprobs.gather(1, chosen)[:, 0]
 
     def step(self, logprobs: Tensor) -> tuple[Step, Tensor, Tensor]:
-        chosen = self.choose(logprobs)  # (N,)
-        self.scores = self.scores + logprobs.gather(1, chosen[:, None])[:, 0]
+        chosen, chosen_logprobs = self.choose(logprobs)  # (N,), (N,)
+        self.scores = self.scores + chosen_logprobs
         report, keep = Step(), []
         for row, (sentence, token) in enumerate(zip(self.sentences, chosen.tolist())):
             if token == self.eos_id:

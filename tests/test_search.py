@@ -398,7 +398,7 @@ def test_sampling_never_leaves_top_k_or_the_nucleus(k, p, t, allowed):
     strategy = Sampling(eos_id=EOS, temperature=t, top_k=k, top_p=p, seed=0)
     strategy.start(1, torch.device("cpu"))
     n = 6000
-    draws = strategy.choose(PROBS.log().expand(n, -1)).tolist()
+    draws = strategy.choose(PROBS.log().expand(n, -1))[0].tolist()
     assert set(draws) == allowed
     for token, prob in shaped(t, allowed).items():
         assert draws.count(token) / n == pytest.approx(prob, abs=0.03)
